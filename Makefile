@@ -1,0 +1,63 @@
+# Exogenesis Omega — `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROTO_FILES := $(wildcard proto/omega/v1/*.proto)
+PROTO_OUT := libs/omega_protocol
+
+.PHONY: help setup run data test test-unit test-integration lint format typecheck proto proto-check bench clean
+
+help: ## Show this help
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP) ## Create .venv and install the project with its dev tools
+
+data: $(STAMP) ## Fetch MovieLens 100K and the embedding model into the cache, embed the catalog
+	$(PY) -m omega_data fetch
+
+run: $(STAMP) ## Start Postgres (embedded if none configured), 2 shards, the federation worker; replay MovieLens; print the report
+	$(PY) -m omega_simulator run
+
+test: $(STAMP) ## Run all tests (unit + integration against real Postgres and gRPC)
+	$(PY) -m pytest
+
+test-unit: $(STAMP) ## Run the unit tests only
+	$(PY) -m pytest tests/unit
+
+lint: $(STAMP) ## ruff lint + format check, mypy
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: $(STAMP) ## Apply ruff fixes and formatting
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+typecheck: $(STAMP) ## mypy (strict) on our code
+	$(VENV)/bin/mypy
+
+proto: $(STAMP) ## Generate Python stubs and .pyi from proto/ into libs/omega_protocol
+	rm -rf $(PROTO_OUT)/omega
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m grpc_tools.protoc -I proto --python_out=$(PROTO_OUT) --grpc_python_out=$(PROTO_OUT) \
+		--mypy_out=$(PROTO_OUT) --mypy_grpc_out=$(PROTO_OUT) $(PROTO_FILES)
+	touch $(PROTO_OUT)/omega/__init__.py $(PROTO_OUT)/omega/v1/__init__.py $(PROTO_OUT)/omega/py.typed
+
+proto-check: proto ## Fail when the committed generated code is stale
+	git diff --exit-code -- $(PROTO_OUT)/omega
+	@test -z "$$(git status --porcelain -- $(PROTO_OUT)/omega)" || (echo "untracked generated files" && git status --porcelain -- $(PROTO_OUT)/omega && exit 1)
+
+bench: $(STAMP) ## Run the benchmarks (figures printed, compared to an in-run baseline)
+	$(PY) -m bench
+
+clean: ## Remove caches and build artefacts (keeps .venv and the data cache)
+	rm -rf build .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,202 @@
+"""What every gRPC server of the project shares: interceptors, health, reflection, shutdown.
+
+- `ServerInterceptor`: binds the RPC name into structlog's context variables, records the
+  Prometheus RPC metrics and maps `OmegaError` (and database outages) to gRPC status codes:
+  the single place where errors become ``context.abort``.
+- `add_health_and_reflection`: the standard ``grpc.health.v1.Health`` service (grpcio-health-
+  checking) and server reflection (grpcio-reflection), so ``grpcurl list`` works.
+- `serve_until_signal`: SIGTERM/SIGINT stop the server with a grace period so rollouts drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import Counter, Histogram
+
+from omega_common.db import DATABASE_UNAVAILABLE_ERRORS
+from omega_common.errors import OmegaError
+
+__all__ = [
+    "RpcMetrics",
+    "ServerInterceptor",
+    "add_health_and_reflection",
+    "serve_until_signal",
+    "set_serving",
+]
+
+_log = structlog.get_logger(component="grpc")
+
+
+class RpcMetrics:
+    """Prometheus RPC metrics of one component (``omega_<component>_rpc_*``)."""
+
+    def __init__(self, component: str) -> None:
+        self.handled = Counter(
+            f"omega_{component}_rpc_handled_total",
+            "RPCs completed, by method and gRPC status code.",
+            ["method", "code"],
+        )
+        self.duration = Histogram(
+            f"omega_{component}_rpc_duration_seconds",
+            "Server-side RPC handling time in seconds, by method.",
+            ["method"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
+
+
+def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, OmegaError):
+        return exc.code, str(exc)
+    if isinstance(exc, DATABASE_UNAVAILABLE_ERRORS):
+        return grpc.StatusCode.UNAVAILABLE, f"database unavailable: {type(exc).__name__}"
+    return grpc.StatusCode.INTERNAL, "internal error"
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Logging context, metrics and error mapping for unary-unary and unary-stream RPCs."""
+
+    def __init__(self, metrics: RpcMetrics, **context: str) -> None:
+        """Args: metrics: where to record; context: extra fields bound for every RPC."""
+        self._metrics = metrics
+        self._context = context
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(handler.unary_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    def _begin(self, method: str) -> float:
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(rpc=method, **self._context)
+        return time.perf_counter()
+
+    def _finish(self, method: str, started: float, code: grpc.StatusCode) -> None:
+        self._metrics.duration.labels(method).observe(time.perf_counter() - started)
+        self._metrics.handled.labels(method, code.name).inc()
+
+    async def _fail(
+        self, context: grpc.aio.ServicerContext, method: str, started: float, exc: Exception
+    ) -> None:
+        code, message = _status_of(exc)
+        self._finish(method, started, code)
+        if code is grpc.StatusCode.INTERNAL:
+            _log.exception("rpc_failed")
+        else:
+            _log.info("rpc_rejected", code=code.name, reason=message)
+        await context.abort(code, message)
+
+    def _wrap_unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = self._begin(method)
+            try:
+                response = await behavior(request, context)
+            except asyncio.CancelledError:
+                self._finish(method, started, grpc.StatusCode.CANCELLED)
+                raise
+            except Exception as exc:
+                if isinstance(exc, grpc.aio.AbortError):
+                    raise
+                await self._fail(context, method, started, exc)
+                raise  # unreachable: abort raises
+            self._finish(method, started, grpc.StatusCode.OK)
+            return response
+
+        return wrapper
+
+    def _wrap_stream(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            started = self._begin(method)
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            except asyncio.CancelledError:
+                self._finish(method, started, grpc.StatusCode.CANCELLED)
+                raise
+            except Exception as exc:
+                if isinstance(exc, grpc.aio.AbortError):
+                    raise
+                await self._fail(context, method, started, exc)
+                raise
+            self._finish(method, started, grpc.StatusCode.OK)
+
+        return wrapper
+
+
+def add_health_and_reflection(
+    server: grpc.aio.Server, service_names: Iterable[str]
+) -> health.aio.HealthServicer:
+    """Register the health service (every name SERVING) and reflection; return the servicer."""
+    names = list(service_names)
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    reflection.enable_server_reflection(
+        [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    return servicer
+
+
+async def set_serving(
+    servicer: health.aio.HealthServicer, service_names: Iterable[str], serving: bool
+) -> None:
+    """Mark the overall server ("") and every named service SERVING or NOT_SERVING."""
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    for name in ["", *service_names]:
+        await servicer.set(name, status)
+
+
+async def serve_until_signal(
+    server: grpc.aio.Server,
+    grace_seconds: float,
+    on_stop: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Wait until SIGTERM or SIGINT, then stop accepting RPCs and drain for ``grace_seconds``.
+
+    Args:
+        server: a started server.
+        grace_seconds: how long in-flight RPCs may take to finish.
+        on_stop: awaited first (e.g. to flip health to NOT_SERVING).
+    """
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    waiter = asyncio.ensure_future(server.wait_for_termination())
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if on_stop is not None:
+        await on_stop()
+    _log.info("shutting_down", grace_seconds=grace_seconds)
+    await server.stop(grace_seconds)
+    for task in (waiter, stopper):
+        task.cancel()

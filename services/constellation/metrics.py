@@ -1,0 +1,53 @@
+"""Prometheus metrics of the constellation (``omega_constellation_*``), one set per process."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from omega_common.grpc_server import RpcMetrics
+
+__all__ = [
+    "DEVICE_RECOMMEND_P99",
+    "DEVICE_SYNCS_FAILED",
+    "GLOBAL_VERSION",
+    "PATTERNS_STORED",
+    "RPC",
+    "SYNC_DUPLICATES",
+    "SYNC_REDIRECTS",
+    "SYNC_REQUEST_BYTES",
+    "SYNC_RESPONSE_BYTES",
+]
+
+_SIZE_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 65536, 262144, 1048576)
+
+RPC = RpcMetrics("constellation")
+SYNC_REQUEST_BYTES = Histogram(
+    "omega_constellation_sync_request_bytes",
+    "Serialized SyncPatterns request size in bytes (what a device pushes).",
+    buckets=_SIZE_BUCKETS,
+)
+SYNC_RESPONSE_BYTES = Histogram(
+    "omega_constellation_sync_response_bytes",
+    "Serialized SyncPatterns response size in bytes (what a device pulls).",
+    buckets=_SIZE_BUCKETS,
+)
+PATTERNS_STORED = Counter(
+    "omega_constellation_patterns_received_total", "Device patterns received in applied deltas."
+)
+SYNC_DUPLICATES = Counter(
+    "omega_constellation_sync_duplicates_total", "Syncs answered as already applied (retries)."
+)
+SYNC_REDIRECTS = Counter(
+    "omega_constellation_sync_redirects_total", "Syncs of devices that belong to another shard."
+)
+GLOBAL_VERSION = Gauge(
+    "omega_constellation_global_version", "Federation round of the cached global patterns."
+)
+DEVICE_RECOMMEND_P99 = Histogram(
+    "omega_constellation_device_recommend_p99_seconds",
+    "Recommendation p99 latency reported by devices, in seconds.",
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5),
+)
+DEVICE_SYNCS_FAILED = Counter(
+    "omega_constellation_device_syncs_failed_total", "Failed syncs reported by devices."
+)

@@ -1,0 +1,447 @@
+"""The shard's Postgres store (asyncpg): device patterns, views, global patterns, catalog.
+
+Every public coroutine is one transaction. Writes are batched with ``executemany``; embeddings
+are int8 ``bytea`` plus a ``real`` scale (ARCHITECTURE.md section 3).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from omega_common.db import apply_migrations, load_migrations
+from omega_constellation.converters import (
+    GlobalPatternRow,
+    StoredPattern,
+    TrendingRow,
+    ValidatedDelta,
+)
+
+__all__ = ["CatalogRow", "ExportRow", "ShardStore", "SyncOutcome", "device_key"]
+
+_GLOBAL_VERSION = "global_version"
+_CATALOG_VERSION = "catalog_version"
+_CATALOG_DIGEST = "catalog_digest"
+
+
+def device_key(device_id: str) -> str:
+    """Opaque key the federation worker sees instead of the device id (16 hex chars)."""
+    return hashlib.blake2b(device_id.encode(), digest_size=8, person=b"omega-device").hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class SyncOutcome:
+    """What applying one delta did."""
+
+    acknowledged_version: int
+    duplicate: bool
+    patterns_stored: int
+    global_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExportRow:
+    """One exported device pattern."""
+
+    device_key: str
+    pattern: StoredPattern
+    stored_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogRow:
+    """One catalog item with its int8 embedding."""
+
+    content_id: str
+    title: str
+    genres: list[str]
+    codes: bytes
+    scale: float
+    catalog_version: int
+
+
+class ShardStore:
+    """Data access for one shard's database."""
+
+    def __init__(self, pool: asyncpg.Pool, timeout_seconds: float = 5.0) -> None:
+        self._pool = pool
+        self._timeout = timeout_seconds
+
+    @classmethod
+    async def open(
+        cls, dsn: str, *, min_size: int = 2, max_size: int = 10, timeout_seconds: float = 5.0
+    ) -> ShardStore:
+        """Connect a pool and apply pending schema migrations.
+
+        Raises:
+            OSError, asyncpg.PostgresError: the database is unreachable or a migration failed.
+        """
+        pool = await asyncpg.create_pool(
+            dsn, min_size=min_size, max_size=max_size, command_timeout=timeout_seconds
+        )
+        async with pool.acquire() as conn:
+            await apply_migrations(conn, load_migrations("omega_constellation"))
+        return cls(pool, timeout_seconds)
+
+    async def close(self) -> None:
+        """Close the pool (waits for connections in use)."""
+        await self._pool.close()
+
+    async def ping(self) -> None:
+        """Raise when the database does not answer."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            await conn.fetchval("SELECT 1")
+
+    # ---- device sync -------------------------------------------------------------------------
+
+    async def apply_delta(
+        self, delta: ValidatedDelta, *, shard_id: str, min_success_rate: float, now_ms: int
+    ) -> SyncOutcome:
+        """Apply a validated delta exactly once per (device id, local version).
+
+        Patterns below ``min_success_rate`` are not stored (an existing row is deleted).
+        View counts are tagged with the shard's current global version.
+        """
+        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            global_version = await self._global_version(conn)
+            await conn.execute(
+                "INSERT INTO devices (device_id, device_key, shard_id) VALUES ($1, $2, $3)"
+                " ON CONFLICT (device_id) DO NOTHING",
+                delta.device_id,
+                device_key(delta.device_id),
+                shard_id,
+            )
+            last = await conn.fetchval(
+                "SELECT last_local_version FROM devices WHERE device_id = $1 FOR UPDATE",
+                delta.device_id,
+            )
+            if delta.local_version <= last:
+                return SyncOutcome(last, True, 0, global_version)
+
+            keep = [p for p in delta.upserts if p.success_rate >= min_success_rate]
+            drop = [p.pattern_id for p in delta.upserts if p.success_rate < min_success_rate]
+            drop += [u.pattern_id for u in delta.updates if u.success_rate < min_success_rate]
+            drop += delta.removed
+            if keep:
+                await conn.executemany(
+                    "INSERT INTO device_patterns (device_id, pattern_id, embedding,"
+                    " embedding_scale, success_rate, sample_count, time_slot, day_type,"
+                    " content_type, genre_hints, version, created_at_ms, updated_at_ms,"
+                    " stored_at_ms)"
+                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+                    " ON CONFLICT (device_id, pattern_id) DO UPDATE SET"
+                    " embedding = EXCLUDED.embedding, embedding_scale = EXCLUDED.embedding_scale,"
+                    " success_rate = EXCLUDED.success_rate, sample_count = EXCLUDED.sample_count,"
+                    " time_slot = EXCLUDED.time_slot, day_type = EXCLUDED.day_type,"
+                    " content_type = EXCLUDED.content_type, genre_hints = EXCLUDED.genre_hints,"
+                    " version = EXCLUDED.version, updated_at_ms = EXCLUDED.updated_at_ms,"
+                    " stored_at_ms = EXCLUDED.stored_at_ms",
+                    [
+                        (
+                            delta.device_id,
+                            p.pattern_id,
+                            p.codes,
+                            p.scale,
+                            p.success_rate,
+                            p.sample_count,
+                            p.time_slot,
+                            p.day_type,
+                            p.content_type,
+                            p.genre_hints,
+                            delta.local_version,
+                            p.created_at_ms,
+                            p.updated_at_ms,
+                            now_ms,
+                        )
+                        for p in keep
+                    ],
+                )
+            updates = [u for u in delta.updates if u.success_rate >= min_success_rate]
+            if updates:
+                # Updates to patterns this shard never stored (they were below the threshold)
+                # match no row: the device sends the full pattern again when its embedding moves.
+                await conn.executemany(
+                    "UPDATE device_patterns SET success_rate = $3,"
+                    " sample_count = sample_count + $4,"
+                    " embedding = COALESCE($5, embedding),"
+                    " embedding_scale = COALESCE($6, embedding_scale),"
+                    " version = $7, updated_at_ms = $8, stored_at_ms = $9"
+                    " WHERE device_id = $1 AND pattern_id = $2",
+                    [
+                        (
+                            delta.device_id,
+                            u.pattern_id,
+                            u.success_rate,
+                            u.additional_samples,
+                            u.codes,
+                            u.scale,
+                            delta.local_version,
+                            u.updated_at_ms,
+                            now_ms,
+                        )
+                        for u in updates
+                    ],
+                )
+            if drop:
+                await conn.execute(
+                    "DELETE FROM device_patterns WHERE device_id = $1 AND pattern_id = ANY($2)",
+                    delta.device_id,
+                    drop,
+                )
+            if delta.content_views:
+                await conn.executemany(
+                    "INSERT INTO content_views (content_id, round, views) VALUES ($1, $2, $3)"
+                    " ON CONFLICT (content_id, round) DO UPDATE"
+                    " SET views = content_views.views + EXCLUDED.views",
+                    [(c, global_version, n) for c, n in delta.content_views],
+                )
+            stored = await conn.fetchval(
+                "UPDATE devices SET last_local_version = $2, last_sync_at = now(),"
+                " pattern_count = (SELECT count(*) FROM device_patterns WHERE device_id = $1)"
+                " WHERE device_id = $1 RETURNING pattern_count",
+                delta.device_id,
+                delta.local_version,
+            )
+            return SyncOutcome(delta.local_version, False, int(stored), global_version)
+
+    # ---- global patterns ---------------------------------------------------------------------
+
+    @staticmethod
+    async def _global_version(conn: asyncpg.Connection) -> int:
+        value = await conn.fetchval("SELECT value FROM shard_state WHERE key = $1", _GLOBAL_VERSION)
+        return int(value) if value is not None else 0
+
+    async def global_version(self) -> int:
+        """The last published federation round (0 before the first)."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            return await self._global_version(conn)
+
+    async def load_global(self) -> tuple[int, list[GlobalPatternRow], list[TrendingRow]]:
+        """(version, global patterns best quality first, trending best score first)."""
+        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction(
+            isolation="repeatable_read", readonly=True
+        ):
+            version = await self._global_version(conn)
+            patterns = await conn.fetch(
+                "SELECT pattern_key, round, embedding, embedding_scale, quality, success_rate,"
+                " source_count, time_slot, day_type FROM global_patterns"
+                " ORDER BY quality DESC, pattern_key"
+            )
+            trending = await conn.fetch(
+                "SELECT content_id, score FROM trending ORDER BY score DESC, content_id"
+            )
+        return (
+            version,
+            [
+                GlobalPatternRow(
+                    pattern_key=r["pattern_key"],
+                    round=r["round"],
+                    codes=bytes(r["embedding"]),
+                    scale=r["embedding_scale"],
+                    quality=r["quality"],
+                    success_rate=r["success_rate"],
+                    source_count=r["source_count"],
+                    time_slot=r["time_slot"],
+                    day_type=r["day_type"],
+                )
+                for r in patterns
+            ],
+            [TrendingRow(content_id=r["content_id"], score=r["score"]) for r in trending],
+        )
+
+    async def publish_round(
+        self,
+        round_id: int,
+        patterns: Sequence[GlobalPatternRow],
+        trending: Sequence[TrendingRow],
+        *,
+        epsilon: float,
+        cumulative_epsilon: float,
+    ) -> tuple[int, int, bool]:
+        """Store a federation round once; returns (global version, patterns stored, duplicate).
+
+        A round at or below the current global version is acknowledged without writing, so a
+        worker re-running a crashed round cannot double-apply it.
+        """
+        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            await conn.execute("LOCK TABLE published_rounds IN EXCLUSIVE MODE")
+            current = await self._global_version(conn)
+            if round_id <= current:
+                return current, 0, True
+            if patterns:
+                await conn.executemany(
+                    "INSERT INTO global_patterns (pattern_key, round, embedding, embedding_scale,"
+                    " quality, success_rate, source_count, time_slot, day_type)"
+                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+                    " ON CONFLICT (pattern_key) DO UPDATE SET round = EXCLUDED.round,"
+                    " embedding = EXCLUDED.embedding, embedding_scale = EXCLUDED.embedding_scale,"
+                    " quality = EXCLUDED.quality, success_rate = EXCLUDED.success_rate,"
+                    " source_count = EXCLUDED.source_count, time_slot = EXCLUDED.time_slot,"
+                    " day_type = EXCLUDED.day_type, updated_at = now()",
+                    [
+                        (
+                            p.pattern_key,
+                            round_id,
+                            p.codes,
+                            p.scale,
+                            p.quality,
+                            p.success_rate,
+                            p.source_count,
+                            p.time_slot,
+                            p.day_type,
+                        )
+                        for p in patterns
+                    ],
+                )
+            await conn.execute("DELETE FROM trending")
+            if trending:
+                await conn.executemany(
+                    "INSERT INTO trending (content_id, round, score) VALUES ($1, $2, $3)",
+                    [(t.content_id, round_id, t.score) for t in trending],
+                )
+            await conn.execute(
+                "INSERT INTO published_rounds (round, patterns, trending, epsilon,"
+                " cumulative_epsilon) VALUES ($1, $2, $3, $4, $5)",
+                round_id,
+                len(patterns),
+                len(trending),
+                epsilon,
+                cumulative_epsilon,
+            )
+            await self._set_state(conn, _GLOBAL_VERSION, str(round_id))
+            return round_id, len(patterns), False
+
+    @staticmethod
+    async def _set_state(conn: asyncpg.Connection, key: str, value: str) -> None:
+        await conn.execute(
+            "INSERT INTO shard_state (key, value) VALUES ($1, $2)"
+            " ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+            key,
+            value,
+        )
+
+    # ---- federation export -------------------------------------------------------------------
+
+    async def export_patterns(
+        self,
+        *,
+        since_ms: int,
+        until_ms: int,
+        min_success_rate: float,
+        batch_size: int,
+    ) -> AsyncIterator[list[ExportRow]]:
+        """Yield batches of patterns stored in (since_ms, until_ms] with enough success.
+
+        Rows come in ``stored_at_ms`` order from a server-side cursor, so memory stays bounded.
+        """
+        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction(
+            isolation="repeatable_read", readonly=True
+        ):
+            batch: list[ExportRow] = []
+            async for r in conn.cursor(
+                "SELECT d.device_key, p.pattern_id, p.embedding, p.embedding_scale,"
+                " p.success_rate, p.sample_count, p.time_slot, p.day_type, p.content_type,"
+                " p.genre_hints, p.created_at_ms, p.updated_at_ms, p.stored_at_ms"
+                " FROM device_patterns p JOIN devices d USING (device_id)"
+                " WHERE p.stored_at_ms > $1 AND p.stored_at_ms <= $2 AND p.success_rate >= $3"
+                " ORDER BY p.stored_at_ms",
+                since_ms,
+                until_ms,
+                min_success_rate,
+                prefetch=max(batch_size, 100),
+            ):
+                batch.append(_export_row(r))
+                if len(batch) >= batch_size:
+                    yield batch
+                    batch = []
+            if batch:
+                yield batch
+
+    async def content_views_since(self, round_id: int) -> list[tuple[str, int]]:
+        """Summed view counts per content for rounds >= ``round_id``."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            rows = await conn.fetch(
+                "SELECT content_id, sum(views)::bigint AS views FROM content_views"
+                " WHERE round >= $1 GROUP BY content_id ORDER BY content_id",
+                round_id,
+            )
+        return [(r["content_id"], int(r["views"])) for r in rows]
+
+    # ---- catalog -----------------------------------------------------------------------------
+
+    async def catalog_digest(self) -> str | None:
+        """Digest of the catalog file last loaded (None when no catalog was loaded)."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            value: str | None = await conn.fetchval(
+                "SELECT value FROM shard_state WHERE key = $1", _CATALOG_DIGEST
+            )
+            return value
+
+    async def replace_catalog(self, rows: Sequence[CatalogRow], digest: str) -> int:
+        """Upsert catalog items under a new catalog version; returns that version."""
+        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            current = await conn.fetchval(
+                "SELECT value FROM shard_state WHERE key = $1", _CATALOG_VERSION
+            )
+            version = int(current or 0) + 1
+            await conn.executemany(
+                "INSERT INTO content_embeddings (content_id, title, genres, embedding,"
+                " embedding_scale, catalog_version) VALUES ($1, $2, $3, $4, $5, $6)"
+                " ON CONFLICT (content_id) DO UPDATE SET title = EXCLUDED.title,"
+                " genres = EXCLUDED.genres, embedding = EXCLUDED.embedding,"
+                " embedding_scale = EXCLUDED.embedding_scale,"
+                " catalog_version = EXCLUDED.catalog_version"
+                " WHERE (content_embeddings.title, content_embeddings.genres,"
+                " content_embeddings.embedding) IS DISTINCT FROM"
+                " (EXCLUDED.title, EXCLUDED.genres, EXCLUDED.embedding)",
+                [(r.content_id, r.title, r.genres, r.codes, r.scale, version) for r in rows],
+            )
+            await self._set_state(conn, _CATALOG_VERSION, str(version))
+            await self._set_state(conn, _CATALOG_DIGEST, digest)
+            return version
+
+    async def load_catalog(self) -> tuple[int, list[CatalogRow]]:
+        """(catalog version, every item sorted by content id)."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            version = await conn.fetchval(
+                "SELECT value FROM shard_state WHERE key = $1", _CATALOG_VERSION
+            )
+            rows = await conn.fetch(
+                "SELECT content_id, title, genres, embedding, embedding_scale, catalog_version"
+                " FROM content_embeddings ORDER BY content_id"
+            )
+        return int(version or 0), [
+            CatalogRow(
+                content_id=r["content_id"],
+                title=r["title"],
+                genres=list(r["genres"]),
+                codes=bytes(r["embedding"]),
+                scale=r["embedding_scale"],
+                catalog_version=r["catalog_version"],
+            )
+            for r in rows
+        ]
+
+
+def _export_row(r: Any) -> ExportRow:
+    return ExportRow(
+        device_key=r["device_key"],
+        pattern=StoredPattern(
+            pattern_id=r["pattern_id"],
+            codes=bytes(r["embedding"]),
+            scale=r["embedding_scale"],
+            success_rate=r["success_rate"],
+            sample_count=r["sample_count"],
+            time_slot=r["time_slot"],
+            day_type=r["day_type"],
+            content_type=r["content_type"],
+            genre_hints=list(r["genre_hints"]),
+            created_at_ms=r["created_at_ms"],
+            updated_at_ms=r["updated_at_ms"],
+        ),
+        stored_at_ms=r["stored_at_ms"],
+    )

@@ -1,0 +1,45 @@
+"""Federation worker settings, read from ``OMEGA_FEDERATION_*`` environment variables."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from omega_common.settings import ServiceSettings
+
+__all__ = ["FederationSettings"]
+
+
+class FederationSettings(ServiceSettings):
+    """One federation worker (only one runs a round at a time: a Postgres advisory lock)."""
+
+    model_config = SettingsConfigDict(env_prefix="OMEGA_FEDERATION_", extra="ignore", frozen=True)
+
+    shards: dict[str, str] = Field(
+        default_factory=lambda: {"shard-0": "127.0.0.1:50051"},
+        description='Shard id -> gRPC address, as JSON: {"shard-0": "host:port", ...}.',
+    )
+    interval_seconds: float = Field(300.0, description="Time between round starts (periodic).")
+    min_success_rate: float = Field(0.8, description="Round threshold on exported patterns.")
+    min_sources: int = Field(
+        1000, description="k-anonymity: distinct devices a group needs to be published."
+    )
+    codebook_size: int = Field(64, description="k-means centroids of the pattern-key codebook.")
+    epsilon: float = Field(1.0, description="Differential privacy budget per round (epsilon).")
+    delta: float = Field(1e-6, description="Differential privacy delta per round (Gaussian).")
+    clipping_norm: float = Field(
+        20.0, description="Per-device clip of the weight success_rate x sample_count."
+    )
+    mechanism: Literal["gaussian", "laplace"] = Field("gaussian", description="DP noise.")
+    max_patterns_per_device: int = Field(8, description="Groups one device may join per round.")
+    trend_decay_per_hour: float = Field(0.95, description="Trend score decay per hour.")
+    trend_noise_scale: float = Field(
+        1.0, description="Laplace scale of the noise added to per-content view counts."
+    )
+    trending_top_n: int = Field(100, description="Trending items published per round.")
+    export_batch_size: int = Field(2000, description="Patterns per ExportPatterns batch.")
+    rpc_timeout_seconds: float = Field(120.0, description="Deadline of one shard RPC.")
+    rpc_attempts: int = Field(3, description="Attempts per shard RPC on UNAVAILABLE.")
+    seed: int | None = Field(None, description="RNG seed for reproducible rounds (tests).")

@@ -1,0 +1,403 @@
+"""One federation round over gRPC, and the periodic loop.
+
+A round (ARCHITECTURE.md section 4):
+1. take the round lock (Postgres advisory lock in the worker's own database);
+2. resume a round checkpointed as ``aggregated`` (publish its stored payload), or
+3. export from every shard, patterns stored since that shard's watermark with success rate
+   >= the round threshold, and view counts since the last round;
+4. group by (context bucket, codebook centroid), keep groups with >= ``min_sources`` devices,
+   quality-weighted federated averaging with differential privacy (`aggregation`);
+5. trends from noisy view counts, decayed per hour (`trends`);
+6. checkpoint the round, publish it to every shard (idempotent per round), mark it published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+import structlog
+
+from omega.v1 import federation_pb2, federation_pb2_grpc, patterns_pb2
+from omega_common.errors import UnavailableError
+from omega_federation import metrics
+from omega_federation.aggregation import AggregatedPattern, Contributions, federated_average
+from omega_federation.codebook import Codebook
+from omega_federation.privacy import PrivacyAccountant, PrivacyParams
+from omega_federation.settings import FederationSettings
+from omega_federation.state import RoundRecord, ShardMark, WorkerState
+from omega_federation.trends import trend_scores
+from omega_protocol import (
+    EMBEDDING_DIM,
+    ContextBucket,
+    bucket_from_context,
+    dequantize_int8,
+    encode_embedding,
+)
+
+__all__ = ["RoundReport", "run_periodic", "run_round"]
+
+_log = structlog.get_logger(component="federation")
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+T = TypeVar("T")
+
+
+@dataclass
+class RoundReport:
+    """What one call of `run_round` did."""
+
+    round_id: int | None
+    status: str  # "published", "resumed", "skipped_locked", "nothing_to_do"
+    exported_patterns: int = 0
+    groups_total: int = 0
+    patterns_published: int = 0
+    trending_published: int = 0
+    epsilon: float = 0.0
+    cumulative_epsilon: float = 0.0
+    seconds: float = 0.0
+    shards: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Export:
+    device_keys: list[str] = field(default_factory=list)
+    buckets: list[int] = field(default_factory=list)
+    codes: list[bytes] = field(default_factory=list)
+    scales: list[float] = field(default_factory=list)
+    rates: list[float] = field(default_factory=list)
+    samples: list[int] = field(default_factory=list)
+    views: dict[str, int] = field(default_factory=dict)
+
+    def contributions(self) -> Contributions:
+        n = len(self.codes)
+        codes = np.frombuffer(b"".join(self.codes), dtype=np.int8).reshape(n, EMBEDDING_DIM)
+        embeddings = dequantize_int8(codes, np.asarray(self.scales, dtype=np.float32))
+        norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+        embeddings /= np.maximum(norms, 1e-12)
+        return Contributions(
+            device_keys=np.asarray(self.device_keys, dtype=object),
+            buckets=np.asarray(self.buckets, dtype=np.int32),
+            embeddings=embeddings.astype(np.float32),
+            success_rates=np.asarray(self.rates, dtype=np.float32),
+            sample_counts=np.maximum(np.asarray(self.samples, dtype=np.int64), 1),
+        )
+
+
+async def _call(
+    what: str, attempts: int, fn: Callable[[], Awaitable[T]]
+) -> T:
+    """Call a shard RPC, retrying UNAVAILABLE/DEADLINE_EXCEEDED with backoff."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await fn()
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() not in _RETRYABLE or attempt == attempts:
+                raise UnavailableError(f"{what}: {exc.code().name} {exc.details()}") from exc
+            await asyncio.sleep(min(2.0, 0.2 * 2**attempt))
+    raise AssertionError("unreachable")
+
+
+async def _export_shard(
+    shard_id: str,
+    stub: federation_pb2_grpc.FederationStub,
+    mark: ShardMark,
+    settings: FederationSettings,
+    sink: _Export,
+) -> tuple[ShardMark, int]:
+    async def once() -> tuple[list[federation_pb2.PatternBatch], int]:
+        batches = []
+        version = 0
+        call = stub.ExportPatterns(
+            federation_pb2.ExportPatternsRequest(
+                since_updated_at_ms=mark.watermark_ms,
+                min_success_rate=settings.min_success_rate,
+                batch_size=settings.export_batch_size,
+                views_since_round=mark.views_round,
+            ),
+            timeout=settings.rpc_timeout_seconds,
+        )
+        async for batch in call:
+            batches.append(batch)
+            version = batch.global_version
+        return batches, version
+
+    batches, shard_version = await _call(f"export from {shard_id}", settings.rpc_attempts, once)
+    watermark = mark.watermark_ms
+    count = 0
+    for batch in batches:
+        watermark = max(watermark, batch.watermark_ms)
+        for exported in batch.patterns:
+            p = exported.pattern
+            try:
+                bucket = bucket_from_context(p.context).index
+            except ValueError:
+                continue  # a shard validated contexts on write; skip anything odd
+            if p.embedding.encoding != patterns_pb2.EMBEDDING_ENCODING_INT8 or p.embedding.dim != EMBEDDING_DIM:
+                continue
+            sink.device_keys.append(f"{shard_id}/{exported.device_key}")
+            sink.buckets.append(bucket)
+            sink.codes.append(p.embedding.data)
+            sink.scales.append(p.embedding.scale)
+            sink.rates.append(min(max(p.success_rate, 0.0), 1.0))
+            sink.samples.append(p.sample_count)
+            count += 1
+        for view in batch.content_views:
+            sink.views[view.content_id] = sink.views.get(view.content_id, 0) + view.views
+    # Views tagged with rounds up to the shard's current version are now counted.
+    return ShardMark(watermark, shard_version + 1), count
+
+
+def _publish_request(
+    round_id: int,
+    patterns: list[AggregatedPattern],
+    trending: list[tuple[str, float]],
+    epsilon: float,
+    cumulative_epsilon: float,
+    delta: float,
+) -> federation_pb2.PublishRoundRequest:
+    return federation_pb2.PublishRoundRequest(
+        round=round_id,
+        patterns=[
+            patterns_pb2.GlobalPattern(
+                pattern_key=p.pattern_key,
+                embedding=encode_embedding(p.embedding),
+                quality=p.quality,
+                source_count=p.source_count,
+                success_rate=p.success_rate,
+                context=ContextBucket.from_index(p.bucket).to_proto(),
+                round=round_id,
+            )
+            for p in patterns
+        ],
+        trending=[patterns_pb2.TrendingContent(content_id=c, score=s) for c, s in trending],
+        epsilon=epsilon,
+        cumulative_epsilon=cumulative_epsilon,
+        delta=delta,
+    )
+
+
+async def _publish(
+    stubs: Mapping[str, federation_pb2_grpc.FederationStub],
+    request: federation_pb2.PublishRoundRequest,
+    settings: FederationSettings,
+) -> dict[str, int]:
+    async def one(shard_id: str, stub: federation_pb2_grpc.FederationStub) -> tuple[str, int]:
+        response = await _call(
+            f"publish to {shard_id}",
+            settings.rpc_attempts,
+            lambda: stub.PublishRound(request, timeout=settings.rpc_timeout_seconds),
+        )
+        return shard_id, response.patterns_stored
+
+    results = await asyncio.gather(*(one(s, stub) for s, stub in stubs.items()))
+    return dict(results)
+
+
+async def run_round(
+    settings: FederationSettings,
+    state: WorkerState,
+    channels: Mapping[str, grpc.aio.Channel],
+) -> RoundReport:
+    """Run (or resume) one round against every shard in ``channels``.
+
+    Raises:
+        UnavailableError: a shard could not be reached after retries (nothing is published,
+            the round is not recorded, watermarks do not move).
+    """
+    started = time.perf_counter()
+    stubs = {s: federation_pb2_grpc.FederationStub(c) for s, c in channels.items()}
+    if not await state.try_lock():
+        _log.info("round_skipped", reason="another worker holds the round lock")
+        return RoundReport(None, "skipped_locked")
+    try:
+        latest = await state.latest()
+        if latest is not None and latest.status == "aggregated":
+            return await _resume(latest, stubs, settings, state, started)
+        return await _new_round(latest, stubs, settings, state, started)
+    finally:
+        await state.unlock()
+
+
+async def _resume(
+    record: RoundRecord,
+    stubs: Mapping[str, federation_pb2_grpc.FederationStub],
+    settings: FederationSettings,
+    state: WorkerState,
+    started: float,
+) -> RoundReport:
+    request = federation_pb2.PublishRoundRequest.FromString(record.payload)
+    stored = await _publish(stubs, request, settings)
+    await state.mark_published(record.round_id, {**record.figures, "resumed": True})
+    metrics.ROUNDS.labels("resumed").inc()
+    _log.info("round_resumed", round=record.round_id)
+    return RoundReport(
+        record.round_id,
+        "resumed",
+        patterns_published=len(request.patterns),
+        trending_published=len(request.trending),
+        epsilon=request.epsilon,
+        cumulative_epsilon=request.cumulative_epsilon,
+        seconds=time.perf_counter() - started,
+        shards=stored,
+    )
+
+
+async def _new_round(
+    latest: RoundRecord | None,
+    stubs: Mapping[str, federation_pb2_grpc.FederationStub],
+    settings: FederationSettings,
+    state: WorkerState,
+    started: float,
+) -> RoundReport:
+    round_id = (latest.round_id if latest else 0) + 1
+    marks = dict(latest.marks) if latest else {}
+    sink = _Export()
+    results = await asyncio.gather(
+        *(
+            _export_shard(s, stub, marks.get(s, ShardMark()), settings, sink)
+            for s, stub in stubs.items()
+        )
+    )
+    new_marks = {s: r[0] for s, r in zip(stubs, results, strict=True)}
+    per_shard = {s: r[1] for s, r in zip(stubs, results, strict=True)}
+    exported = sum(per_shard.values())
+    metrics.PATTERNS_EXPORTED.inc(exported)
+
+    accountant = (
+        PrivacyAccountant.from_dict(latest.privacy) if latest and latest.privacy else PrivacyAccountant()
+    )
+    params = PrivacyParams(
+        epsilon=settings.epsilon,
+        delta=settings.delta,
+        clipping_norm=settings.clipping_norm,
+        mechanism=settings.mechanism,
+        max_patterns_per_device=settings.max_patterns_per_device,
+    )
+    rng = np.random.default_rng(
+        None if settings.seed is None else [settings.seed, round_id]
+    )
+    patterns: list[AggregatedPattern] = []
+    groups_total = 0
+    epsilon = 0.0
+    if exported:
+        contributions = sink.contributions()
+        codebook = await _codebook(state, contributions.embeddings, settings)
+        result = await asyncio.to_thread(
+            federated_average,
+            contributions,
+            codebook,
+            min_sources=settings.min_sources,
+            privacy=params,
+            accountant=accountant,
+            rng=rng,
+        )
+        patterns = result.patterns
+        groups_total = result.groups_total
+        epsilon = result.privacy.epsilon if result.privacy else 0.0
+
+    previous = _previous_trending(latest)
+    hours = 0.0
+    if latest is not None:
+        hours = max(0.0, (time.time() - float(latest.figures.get("finished_at", time.time()))) / 3600)
+    trending = trend_scores(
+        sink.views,
+        previous,
+        hours,
+        decay_per_hour=settings.trend_decay_per_hour,
+        noise_scale=settings.trend_noise_scale,
+        rng=rng,
+        top_n=settings.trending_top_n,
+    )
+    request = _publish_request(
+        round_id,
+        patterns,
+        trending,
+        epsilon,
+        accountant.cumulative_epsilon,
+        settings.delta,
+    )
+    figures: dict[str, Any] = {
+        "exported_patterns": exported,
+        "per_shard": per_shard,
+        "groups_total": groups_total,
+        "patterns": len(patterns),
+        "trending": len(trending),
+        "epsilon": epsilon,
+        "cumulative_epsilon": accountant.cumulative_epsilon,
+        "finished_at": time.time(),
+    }
+    await state.save_aggregated(round_id, new_marks, request.SerializeToString(), accountant.to_dict(), figures)
+    stored = await _publish(stubs, request, settings)
+    await state.mark_published(round_id, figures)
+    seconds = time.perf_counter() - started
+    metrics.ROUNDS.labels("published").inc()
+    metrics.ROUND_SECONDS.observe(seconds)
+    metrics.CUMULATIVE_EPSILON.set(accountant.cumulative_epsilon)
+    _log.info("round_published", round=round_id, seconds=round(seconds, 3), **{
+        k: v for k, v in figures.items() if k != "finished_at"
+    })
+    return RoundReport(
+        round_id,
+        "published",
+        exported_patterns=exported,
+        groups_total=groups_total,
+        patterns_published=len(patterns),
+        trending_published=len(trending),
+        epsilon=epsilon,
+        cumulative_epsilon=accountant.cumulative_epsilon,
+        seconds=seconds,
+        shards=stored,
+    )
+
+
+def _previous_trending(latest: RoundRecord | None) -> dict[str, float]:
+    if latest is None:
+        return {}
+    request = federation_pb2.PublishRoundRequest.FromString(latest.payload)
+    return {t.content_id: t.score for t in request.trending}
+
+
+async def _codebook(
+    state: WorkerState, embeddings: np.ndarray, settings: FederationSettings
+) -> Codebook:
+    """The stored codebook, or one trained on this round's embeddings (then kept stable)."""
+    data = await state.codebook()
+    if data is not None:
+        return Codebook.from_bytes(data)
+    codebook = await asyncio.to_thread(
+        Codebook.train, embeddings, settings.codebook_size, settings.seed or 0
+    )
+    await state.save_codebook(codebook.to_bytes())
+    return codebook
+
+
+async def run_periodic(
+    settings: FederationSettings,
+    state: WorkerState,
+    channels: Mapping[str, grpc.aio.Channel],
+    stop: asyncio.Event,
+) -> int:
+    """Run a round every ``interval_seconds`` until ``stop`` is set; returns rounds published.
+
+    A failed round (a shard down) is logged and retried at the next tick.
+    """
+    published = 0
+    while not stop.is_set():
+        tick = time.monotonic()
+        try:
+            report = await run_round(settings, state, channels)
+            published += report.status in ("published", "resumed")
+        except UnavailableError as exc:
+            metrics.ROUNDS.labels("failed").inc()
+            _log.warning("round_failed", error=str(exc))
+        wait = max(0.0, settings.interval_seconds - (time.monotonic() - tick))
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=wait)
+        except TimeoutError:
+            pass
+    return published

@@ -1,0 +1,1 @@
+"""Device simulator: replays fleets of TVs (MovieLens viewing histories) against the shards."""

@@ -1,0 +1,227 @@
+"""Replay MovieLens users as TV devices against running constellation shards.
+
+One device per user (`omega_brain.Brain`, its own SQLite store), its training ratings in time
+order as viewing events (rating >= 4 completed, <= 2 abandoned, 3 half-watched), a sync every
+``sync_every_events`` events and at the end of each phase, a federation round between phases,
+then recommendations on the chronological hold-out (ARCHITECTURE.md section 8) for a
+popularity baseline, the local-only brain and the federated brain.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from omega_brain import Brain, BrainConfig, CatalogIndex, GrpcTransport, ViewingEvent, fetch_catalog
+from omega_data import (
+    MovieLens,
+    UserSplit,
+    chronological_split,
+    evaluate_rankings,
+    load_movielens,
+    popularity_rankings,
+)
+from omega_protocol import shard_for
+from omega_simulator.report import QualityRow, SimulationReport, SyncStats
+from omega_simulator.settings import SimulatorSettings
+
+__all__ = ["Device", "RoundRunner", "replay_movielens"]
+
+_log = structlog.get_logger(component="simulator")
+
+RoundRunner = Callable[[], dict[str, Any]]
+"""Runs one federation round and returns its report (a dict with ``patterns_published``...)."""
+
+
+def completion_of(rating: float) -> float:
+    """Viewing completion standing for a rating: >= 4 completed, <= 2 abandoned, 3 half."""
+    if rating >= 4:
+        return 1.0
+    if rating <= 2:
+        return 0.1
+    return 0.5
+
+
+@dataclass
+class Device:
+    """One simulated TV: a user's brain and its replay position."""
+
+    user_id: int
+    brain: Brain
+    events: list[ViewingEvent]
+    patterns_stored: int = 0
+
+
+def _phase_slice(n: int, phase: int, phases: int) -> slice:
+    return slice(n * phase // phases, n * (phase + 1) // phases)
+
+
+def _replay_phase(device: Device, phase: int, settings: SimulatorSettings) -> SyncStats:
+    stats = SyncStats()
+    chunk = device.events[_phase_slice(len(device.events), phase, settings.phases)]
+    pending = 0
+
+    def sync() -> None:
+        result = device.brain.sync()
+        if result.ok:
+            stats.ok += 1
+            stats.bytes_up.append(result.bytes_up)
+            stats.bytes_down.append(result.bytes_down)
+            stats.latency_seconds.append(result.latency_seconds)
+        else:
+            stats.failed += 1
+            key = (result.error or "unknown")[:80]
+            stats.errors[key] = stats.errors.get(key, 0) + 1
+
+    for event in chunk:
+        device.brain.observe(event)
+        pending += 1
+        if pending >= settings.sync_every_events:
+            sync()
+            pending = 0
+    if pending:
+        sync()
+    return stats
+
+
+def _final_pull(device: Device) -> SyncStats:
+    stats = SyncStats()
+    result = device.brain.sync()
+    if result.ok:
+        stats.ok += 1
+        stats.bytes_up.append(result.bytes_up)
+        stats.bytes_down.append(result.bytes_down)
+        stats.latency_seconds.append(result.latency_seconds)
+    else:
+        stats.failed += 1
+        key = (result.error or "unknown")[:80]
+        stats.errors[key] = stats.errors.get(key, 0) + 1
+    return stats
+
+
+def _events(split: UserSplit) -> list[ViewingEvent]:
+    return [
+        ViewingEvent(
+            content_id=str(r.item_id),
+            started_at_ms=int(r.timestamp) * 1000,
+            completion=completion_of(r.rating),
+            watch_seconds=0.0,
+        )
+        for r in split.train
+    ]
+
+
+def replay_movielens(
+    settings: SimulatorSettings,
+    shards: Mapping[str, str],
+    run_round: RoundRunner,
+    work_dir: Path,
+    *,
+    movielens: MovieLens | None = None,
+    progress: Callable[[str], None] = print,
+) -> SimulationReport:
+    """Replay every MovieLens user against ``shards`` and evaluate on the hold-out.
+
+    Args:
+        settings: replay parameters.
+        shards: shard id -> gRPC address of a running constellation replica.
+        run_round: runs one federation round over all shards (a real worker process in `run`).
+        work_dir: folder for the devices' SQLite stores.
+        movielens: preloaded data (loaded from the cache when None).
+        progress: where progress lines go.
+
+    Returns:
+        The report; raises nothing for failed syncs (they are counted).
+    """
+    started = time.perf_counter()
+    ml = movielens or load_movielens()
+    splits = chronological_split(ml, settings.train_fraction)
+    user_ids = sorted(splits)[: settings.max_users] if settings.max_users else sorted(splits)
+    shard_ids = sorted(shards)
+    transports = {s: GrpcTransport(shards[s]) for s in shard_ids}
+    try:
+        catalog: CatalogIndex = fetch_catalog(transports[shard_ids[0]])
+        progress(f"catalog: {len(catalog)} items fetched from {shard_ids[0]}")
+        devices: list[Device] = []
+        for uid in user_ids:
+            device_id = f"ml100k-user-{uid}"
+            shard = shard_for(device_id, shard_ids)
+            brain = Brain(
+                device_id,
+                BrainConfig(store_path=work_dir / f"{device_id}.sqlite"),
+                transport=transports[shard],
+                catalog=catalog,
+            )
+            devices.append(Device(uid, brain, _events(splits[uid])))
+        stats = SyncStats()
+        rounds: list[dict[str, Any]] = []
+        events = sum(len(d.events) for d in devices)
+        with ThreadPoolExecutor(max_workers=settings.workers) as pool:
+            for phase in range(settings.phases):
+                t0 = time.perf_counter()
+                for s in pool.map(lambda d: _replay_phase(d, phase, settings), devices):
+                    stats.merge(s)
+                progress(
+                    f"phase {phase + 1}/{settings.phases}: {len(devices)} devices,"
+                    f" syncs ok {stats.ok} failed {stats.failed}"
+                    f" ({time.perf_counter() - t0:.1f} s)"
+                )
+                rounds.append(run_round())
+                r = rounds[-1]
+                progress(
+                    f"federation round {r.get('round_id')}: {r.get('exported_patterns')} patterns"
+                    f" exported, {r.get('patterns_published')} global patterns,"
+                    f" {r.get('trending_published')} trending, epsilon {r.get('epsilon', 0):.2f}"
+                )
+            # Every device pulls the last round before it is asked for recommendations.
+            for s in pool.map(_final_pull, devices):
+                stats.merge(s)
+        quality = _evaluate(devices, splits, len(ml.items))
+        patterns_stored = sum(d.brain.stats().server_pattern_count for d in devices)
+        for d in devices:
+            d.brain.close()
+    finally:
+        for transport in transports.values():
+            transport.close()
+    return SimulationReport(
+        devices=len(devices),
+        shards=len(shard_ids),
+        events_replayed=events,
+        syncs=stats,
+        patterns_stored=patterns_stored,
+        rounds=rounds,
+        quality=quality,
+        wall_seconds=time.perf_counter() - started,
+        settings=settings.model_dump(mode="json"),
+    )
+
+
+def _evaluate(
+    devices: Sequence[Device], splits: Mapping[int, UserSplit], catalog_size: int
+) -> list[QualityRow]:
+    evaluated = {d.user_id: d for d in devices if splits[d.user_id].relevant}
+    user_splits = {u: splits[u] for u in evaluated}
+    rows: list[QualityRow] = []
+
+    def add(name: str, rankings: Mapping[int, Sequence[int]]) -> None:
+        m = evaluate_rankings(rankings, user_splits, catalog_size)
+        rows.append(
+            QualityRow(name, m.users, m.precision_at_10, m.recall_at_20, m.ndcg_at_10, m.coverage_at_10)
+        )
+
+    popularity = popularity_rankings(splits, k=20)
+    add("popularity (central)", {u: popularity[u] for u in evaluated})
+    for name, use_global in (("brain, local only", False), ("brain, federated", True)):
+        rankings: dict[int, list[int]] = {}
+        for uid, device in evaluated.items():
+            when = splits[uid].holdout[0].timestamp * 1000
+            recs = device.brain.recommend(k=20, timestamp_ms=when, use_global=use_global)
+            rankings[uid] = [int(r.content_id) for r in recs]
+        add(name, rankings)
+    return rows

@@ -1,0 +1,35 @@
+"""Simulator settings, read from ``OMEGA_SIMULATOR_*`` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["SimulatorSettings"]
+
+
+class SimulatorSettings(BaseSettings):
+    """A MovieLens replay: one device per user, ratings in time order as viewing events."""
+
+    model_config = SettingsConfigDict(env_prefix="OMEGA_SIMULATOR_", extra="ignore", frozen=True)
+
+    shards: dict[str, str] = Field(
+        default_factory=dict,
+        description='Shard id -> gRPC address as JSON; empty: `run` starts its own shards.',
+    )
+    shard_count: int = Field(2, description="Shards `run` starts when none are given.")
+    phases: int = Field(4, description="Training history split into this many phases.")
+    sync_every_events: int = Field(5, description="A device syncs after this many events.")
+    workers: int = Field(4, description="Threads replaying devices concurrently.")
+    max_users: int | None = Field(None, description="Replay only the first N users (tests).")
+    train_fraction: float = Field(0.8, description="Chronological split (ARCHITECTURE.md 8).")
+    min_sources: int = Field(3, description="k-anonymity of the federation rounds `run` runs.")
+    epsilon: float = Field(1.0, description="DP epsilon per round of the federation worker.")
+    seed: int = Field(42, description="Seed of the federation worker's noise.")
+    export_settle_ms: int = Field(300, description="Shards' export settle time (ms).")
+    output_dir: Path = Field(Path("reports"), description="Where the JSON report is written.")
+    work_dir: Path | None = Field(
+        None, description="Device stores and logs; a temporary folder when unset."
+    )

@@ -1,0 +1,193 @@
+"""A local stack for `make run`: Postgres, N constellation shards and the federation worker.
+
+Every service runs as its own OS process, configured only through its environment, exactly as
+in a deployment. Postgres is the server named by ``OMEGA_DATABASE_URL`` when set, otherwise the
+embedded one (pgserver). Each run uses fresh databases, so runs are reproducible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from omega_common.db import create_database, drop_database, embedded_postgres_dsn, with_database
+from omega_data import MovieLens, catalog_embeddings
+
+__all__ = ["LocalStack", "free_port", "write_catalog_file"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def write_catalog_file(ml: MovieLens, path: Path) -> int:
+    """Write the MovieLens catalog with its MiniLM embeddings as the shards' ``.npz``."""
+    ids, embeddings = catalog_embeddings(ml)
+    items = [ml.items[int(i)] for i in ids]
+    np.savez(
+        path,
+        content_ids=np.array([str(int(i)) for i in ids]),
+        titles=np.array([it.title for it in items]),
+        genres=np.array(["|".join(it.genres) for it in items]),
+        embeddings=embeddings.astype(np.float32),
+    )
+    return len(ids)
+
+
+@dataclass
+class _Proc:
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+
+class LocalStack:
+    """Starts and stops the processes of one local run."""
+
+    def __init__(self, work_dir: Path, shard_count: int, *, env: dict[str, str] | None = None):
+        self.work_dir = work_dir
+        self.shard_count = shard_count
+        self.shards: dict[str, str] = {}
+        self.federation_dsn = ""
+        self._admin_dsn = ""
+        self._dbs: list[str] = []
+        self._procs: list[_Proc] = []
+        self._env = dict(env or {})
+
+    def _postgres(self) -> str:
+        configured = os.environ.get("OMEGA_DATABASE_URL")
+        if configured:
+            return configured
+        return embedded_postgres_dsn("postgres")
+
+    def start(self, catalog_path: Path, export_settle_ms: int) -> None:
+        """Create fresh databases and start the shards; waits until each is SERVING.
+
+        Raises:
+            RuntimeError: a shard did not become healthy within 60 s (its log is named).
+        """
+        self._admin_dsn = self._postgres()
+        names = [f"omega_run_shard_{i}" for i in range(self.shard_count)] + ["omega_run_federation"]
+
+        async def fresh() -> None:
+            for name in names:
+                await drop_database(self._admin_dsn, name)
+                await create_database(self._admin_dsn, name)
+
+        asyncio.run(fresh())
+        self._dbs = names
+        self.federation_dsn = with_database(self._admin_dsn, "omega_run_federation")
+        shard_ids = [f"shard-{i}" for i in range(self.shard_count)]
+        for i, shard_id in enumerate(shard_ids):
+            port = free_port()
+            env = {
+                "OMEGA_CONSTELLATION_SHARD_ID": shard_id,
+                "OMEGA_CONSTELLATION_SHARD_IDS": json.dumps(shard_ids),
+                "OMEGA_CONSTELLATION_PORT": str(port),
+                "OMEGA_CONSTELLATION_DATABASE_URL": with_database(self._admin_dsn, names[i]),
+                "OMEGA_CONSTELLATION_CATALOG_PATH": str(catalog_path),
+                "OMEGA_CONSTELLATION_EXPORT_SETTLE_MS": str(export_settle_ms),
+                "OMEGA_CONSTELLATION_METRICS_PORT": str(free_port()),
+            }
+            self._spawn(shard_id, [sys.executable, "-m", "omega_constellation", "serve"], env)
+            self.shards[shard_id] = f"127.0.0.1:{port}"
+        for shard_id, address in self.shards.items():
+            self._wait_healthy(shard_id, address)
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        log = self.work_dir / f"{name}.log"
+        with log.open("ab") as out:
+            process = subprocess.Popen(
+                argv,
+                env={**os.environ, **self._env, **env},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        self._procs.append(_Proc(name, process, log))
+
+    def _wait_healthy(self, name: str, address: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        proc = next(p for p in self._procs if p.name == name)
+        with grpc.insecure_channel(address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                if proc.process.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {proc.process.returncode}; see {proc.log}")
+                try:
+                    status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                    if status.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.2)
+        raise RuntimeError(f"{name} did not become healthy in {timeout:.0f} s; see {proc.log}")
+
+    def federation_round(self, env: dict[str, str]) -> dict[str, Any]:
+        """Run one federation round as a worker process (``omega-federation run-once``).
+
+        Raises:
+            RuntimeError: the worker failed (its output is in ``federation.log``).
+        """
+        log = self.work_dir / "federation.log"
+        full_env = {
+            **os.environ,
+            **self._env,
+            "OMEGA_FEDERATION_SHARDS": json.dumps(self.shards),
+            "OMEGA_FEDERATION_DATABASE_URL": self.federation_dsn,
+            **env,
+        }
+        done = subprocess.run(
+            [sys.executable, "-m", "omega_federation", "run-once"],
+            env=full_env,
+            capture_output=True,
+            timeout=600,
+            check=False,
+        )
+        with log.open("ab") as out:
+            out.write(done.stdout + done.stderr)
+        if done.returncode != 0:
+            raise RuntimeError(f"federation round failed ({done.returncode}); see {log}")
+        last = done.stdout.decode().strip().splitlines()[-1]
+        report: dict[str, Any] = json.loads(last)
+        return report
+
+    def stop(self) -> None:
+        """SIGTERM every process, wait for it (SIGKILL after 15 s), drop nothing."""
+        for p in self._procs:
+            if p.process.poll() is None:
+                p.process.send_signal(signal.SIGTERM)
+        for p in self._procs:
+            try:
+                p.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.process.kill()
+                p.process.wait()
+        self._procs.clear()
+
+    @contextmanager
+    def running(self, catalog_path: Path, export_settle_ms: int) -> Iterator[LocalStack]:
+        """``start`` then ``stop`` whatever happens in between."""
+        try:
+            self.start(catalog_path, export_settle_ms)
+            yield self
+        finally:
+            self.stop()
