@@ -46,15 +46,21 @@ format: $(STAMP) ## Apply ruff fixes and formatting
 typecheck: $(STAMP) ## mypy (strict) on our code
 	$(VENV)/bin/mypy
 
-proto: $(STAMP) ## Generate Python stubs and .pyi from proto/ into libs/omega_protocol
-	rm -rf $(PROTO_OUT)/omega
-	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m grpc_tools.protoc -I proto --python_out=$(PROTO_OUT) --grpc_python_out=$(PROTO_OUT) \
-		--mypy_out=$(PROTO_OUT) --mypy_grpc_out=$(PROTO_OUT) $(PROTO_FILES)
-	touch $(PROTO_OUT)/omega/__init__.py $(PROTO_OUT)/omega/v1/__init__.py $(PROTO_OUT)/omega/py.typed
+define generate_proto
+	rm -rf $(1) && mkdir -p $(1)
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m grpc_tools.protoc -I proto --python_out=$(1) \
+		--grpc_python_out=$(1) --mypy_out=$(1) --mypy_grpc_out=$(1) $(PROTO_FILES)
+	touch $(1)/omega/__init__.py $(1)/omega/v1/__init__.py $(1)/omega/py.typed
+endef
 
-proto-check: proto ## Fail when the committed generated code is stale
-	git diff --exit-code -- $(PROTO_OUT)/omega
-	@test -z "$$(git status --porcelain -- $(PROTO_OUT)/omega)" || (echo "untracked generated files" && git status --porcelain -- $(PROTO_OUT)/omega && exit 1)
+proto: $(STAMP) ## Generate Python stubs and .pyi from proto/ into libs/omega_protocol/omega
+	$(call generate_proto,build/proto)
+	rm -rf $(PROTO_OUT)/omega && cp -r build/proto/omega $(PROTO_OUT)/omega
+
+proto-check: $(STAMP) ## Fail when the committed generated code differs from what proto/ generates
+	$(call generate_proto,build/proto-check)
+	diff -r -x __pycache__ build/proto-check/omega $(PROTO_OUT)/omega \
+		|| (echo "generated code is stale: run 'make proto' and commit" && exit 1)
 
 bench: $(STAMP) ## Run the benchmarks (figures printed, compared to an in-run baseline)
 	$(PY) -m bench

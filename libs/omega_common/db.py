@@ -8,6 +8,7 @@ users and stops the server when the last one exits.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Sequence
@@ -70,7 +71,7 @@ def embedded_postgres_dsn(database: str = "postgres", pgdata: Path | None = None
     folder = pgdata or cache_dir() / "pgdata"
     folder.parent.mkdir(parents=True, exist_ok=True)
     try:
-        server = pgserver.get_server(folder, cleanup_mode="stop")
+        server = pgserver.get_server(folder, cleanup_mode="stop")  # type: ignore[attr-defined]
     except Exception as exc:  # pgserver raises plain exceptions from its subprocess calls
         raise UnavailableError(f"cannot start the embedded Postgres in {folder}: {exc}") from exc
     _EMBEDDED_SERVERS.append(server)  # keep the handle alive for the process lifetime
@@ -106,10 +107,9 @@ async def create_database(admin_dsn: str, name: str) -> str:
     try:
         exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
         if not exists:
-            try:
+            # Another process may create it concurrently.
+            with contextlib.suppress(asyncpg.exceptions.DuplicateDatabaseError):
                 await conn.execute(f'CREATE DATABASE "{name}"')
-            except asyncpg.exceptions.DuplicateDatabaseError:
-                pass  # created concurrently by another process
     finally:
         await conn.close()
     return with_database(admin_dsn, name)

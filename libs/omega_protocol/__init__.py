@@ -26,6 +26,7 @@ from omega_protocol.context import (
     ContextBucket,
     bucket_from_context,
     bucket_from_timestamp,
+    pattern_context,
 )
 from omega_protocol.quantization import (
     EMBEDDING_DIM,
@@ -59,6 +60,7 @@ __all__ = [
     "events_pb2",
     "federation_pb2",
     "federation_pb2_grpc",
+    "pattern_context",
     "patterns_pb2",
     "quantize_int8",
     "shard_for",

@@ -6,6 +6,7 @@ codebook centroid. Buckets are numbered 0..7 as ``(time_slot - 1) * 2 + (day_typ
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -16,17 +17,18 @@ __all__ = [
     "ContextBucket",
     "bucket_from_context",
     "bucket_from_timestamp",
+    "pattern_context",
 ]
 
 BUCKET_COUNT = 8
 
-_SLOT_NAMES = {
+_SLOT_NAMES: dict[int, str] = {
     patterns_pb2.TIME_SLOT_MORNING: "morning",
     patterns_pb2.TIME_SLOT_AFTERNOON: "afternoon",
     patterns_pb2.TIME_SLOT_EVENING: "evening",
     patterns_pb2.TIME_SLOT_NIGHT: "night",
 }
-_DAY_NAMES = {patterns_pb2.DAY_TYPE_WEEKDAY: "weekday", patterns_pb2.DAY_TYPE_WEEKEND: "weekend"}
+_DAY_NAMES: dict[int, str] = {patterns_pb2.DAY_TYPE_WEEKDAY: "weekday", patterns_pb2.DAY_TYPE_WEEKEND: "weekend"}
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -59,7 +61,7 @@ class ContextBucket:
 
     def to_proto(self) -> patterns_pb2.PatternContext:
         """The bucket as an `omega.v1.PatternContext`."""
-        return patterns_pb2.PatternContext(time_slot=self.time_slot, day_type=self.day_type)
+        return pattern_context(self.time_slot, self.day_type)
 
 
 def bucket_from_timestamp(timestamp_ms: int, utc_offset_minutes: int = 0) -> ContextBucket:
@@ -74,7 +76,7 @@ def bucket_from_timestamp(timestamp_ms: int, utc_offset_minutes: int = 0) -> Con
     )
     hour = local.hour
     if 5 <= hour < 12:
-        slot = patterns_pb2.TIME_SLOT_MORNING
+        slot: int = patterns_pb2.TIME_SLOT_MORNING
     elif 12 <= hour < 17:
         slot = patterns_pb2.TIME_SLOT_AFTERNOON
     elif 17 <= hour < 22:
@@ -83,6 +85,18 @@ def bucket_from_timestamp(timestamp_ms: int, utc_offset_minutes: int = 0) -> Con
         slot = patterns_pb2.TIME_SLOT_NIGHT
     day = patterns_pb2.DAY_TYPE_WEEKEND if local.weekday() >= 5 else patterns_pb2.DAY_TYPE_WEEKDAY
     return ContextBucket(time_slot=slot, day_type=day)
+
+
+def pattern_context(
+    time_slot: int, day_type: int, content_type: str = "", genre_hints: Sequence[str] = ()
+) -> patterns_pb2.PatternContext:
+    """An `omega.v1.PatternContext` from plain enum numbers (as stored in databases)."""
+    return patterns_pb2.PatternContext(
+        time_slot=patterns_pb2.TimeSlot.ValueType(time_slot),
+        day_type=patterns_pb2.DayType.ValueType(day_type),
+        content_type=content_type,
+        genre_hints=list(genre_hints),
+    )
 
 
 def bucket_from_context(context: patterns_pb2.PatternContext) -> ContextBucket:

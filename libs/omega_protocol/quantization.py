@@ -8,6 +8,7 @@ unit vector; the cosine to the original stays above 0.999 in practice.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -29,12 +30,12 @@ EMBEDDING_DIM = 384
 
 Encoding = int  # an omega.v1.EmbeddingEncoding value
 
-_ITEMSIZE = {
+_ITEMSIZE: dict[int, int] = {
     patterns_pb2.EMBEDDING_ENCODING_INT8: 1,
     patterns_pb2.EMBEDDING_ENCODING_FLOAT16: 2,
     patterns_pb2.EMBEDDING_ENCODING_FLOAT32: 4,
 }
-_DTYPE = {
+_DTYPE: dict[int, np.dtype[Any]] = {
     patterns_pb2.EMBEDDING_ENCODING_INT8: np.dtype(np.int8),
     patterns_pb2.EMBEDDING_ENCODING_FLOAT16: np.dtype("<f2"),
     patterns_pb2.EMBEDDING_ENCODING_FLOAT32: np.dtype("<f4"),
@@ -112,15 +113,16 @@ def encode_embeddings(
     if not np.all(np.isfinite(x)):
         raise EmbeddingError("embedding has NaN or infinite values")
     dim = x.shape[1]
+    wire = patterns_pb2.EmbeddingEncoding.ValueType(encoding)
     if encoding == patterns_pb2.EMBEDDING_ENCODING_INT8:
         codes, scales = quantize_int8(x)
         return [
-            patterns_pb2.Embedding(encoding=encoding, dim=dim, scale=float(s), data=c.tobytes())
+            patterns_pb2.Embedding(encoding=wire, dim=dim, scale=float(s), data=c.tobytes())
             for c, s in zip(codes, scales, strict=True)
         ]
     if encoding in _DTYPE:
         rows = x.astype(_DTYPE[encoding])
-        return [patterns_pb2.Embedding(encoding=encoding, dim=dim, data=r.tobytes()) for r in rows]
+        return [patterns_pb2.Embedding(encoding=wire, dim=dim, data=r.tobytes()) for r in rows]
     raise EmbeddingError(f"unknown embedding encoding {encoding}")
 
 
@@ -145,9 +147,10 @@ def decode_embedding(
         raise EmbeddingError(f"unknown embedding encoding {enc}")
     if embedding.dim != expected_dim:
         raise EmbeddingError(f"embedding has dimension {embedding.dim}, expected {expected_dim}")
-    if len(embedding.data) != expected_dim * _ITEMSIZE[enc]:
+    expected_bytes = expected_dim * _ITEMSIZE[enc]
+    if len(embedding.data) != expected_bytes:
         raise EmbeddingError(
-            f"embedding carries {len(embedding.data)} bytes, expected {expected_dim * _ITEMSIZE[enc]}"
+            f"embedding carries {len(embedding.data)} bytes, expected {expected_bytes}"
         )
     raw = np.frombuffer(embedding.data, dtype=_DTYPE[enc])
     if enc == patterns_pb2.EMBEDDING_ENCODING_INT8:

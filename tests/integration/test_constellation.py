@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import zstandard
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from omega.v1 import patterns_pb2, sync_pb2, sync_pb2_grpc
 from omega_constellation.server import RunningServer
 from omega_protocol import encode_embedding, encode_payload, shard_for
@@ -23,7 +22,9 @@ def unit(seed: int) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-def pattern(pid: str, rate: float = 0.9, seed: int = 1, **kw: object) -> patterns_pb2.ViewingPattern:
+def pattern(
+    pid: str, rate: float = 0.9, seed: int = 1, **kw: object
+) -> patterns_pb2.ViewingPattern:
     return patterns_pb2.ViewingPattern(
         pattern_id=pid,
         embedding=kw.pop("embedding", encode_embedding(unit(seed))),  # type: ignore[arg-type]
@@ -133,7 +134,9 @@ MALFORMED = {
         sync_pb2.CompressedPayload(codec=sync_pb2.CODEC_ZSTD, raw_size=10, data=b"\x13garbage!")
     ),
     "garbage protobuf": _with_payload(
-        sync_pb2.CompressedPayload(codec=sync_pb2.CODEC_NONE, raw_size=5, data=b"\xff\xff\xff\xff\xff")
+        sync_pb2.CompressedPayload(
+            codec=sync_pb2.CODEC_NONE, raw_size=5, data=b"\xff\xff\xff\xff\xff"
+        )
     ),
     "zstd bomb": _with_payload(_bomb()),
     "zstd bomb, no declared size": _with_payload(_bomb_without_size()),

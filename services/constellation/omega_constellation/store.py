@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-
 from omega_common.db import apply_migrations, load_migrations
 from omega_constellation.converters import (
     GlobalPatternRow,
@@ -222,8 +221,9 @@ class ShardStore:
 
     async def load_global(self) -> tuple[int, list[GlobalPatternRow], list[TrendingRow]]:
         """(version, global patterns best quality first, trending best score first)."""
-        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction(
-            isolation="repeatable_read", readonly=True
+        async with (
+            self._pool.acquire(timeout=self._timeout) as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
         ):
             version = await self._global_version(conn)
             patterns = await conn.fetch(
@@ -338,8 +338,9 @@ class ShardStore:
 
         Rows come in ``stored_at_ms`` order from a server-side cursor, so memory stays bounded.
         """
-        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction(
-            isolation="repeatable_read", readonly=True
+        async with (
+            self._pool.acquire(timeout=self._timeout) as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
         ):
             batch: list[ExportRow] = []
             async for r in conn.cursor(

@@ -17,7 +17,7 @@ class SimulatorSettings(BaseSettings):
 
     shards: dict[str, str] = Field(
         default_factory=dict,
-        description='Shard id -> gRPC address as JSON; empty: `run` starts its own shards.',
+        description="Shard id -> gRPC address as JSON; empty: `run` starts its own shards.",
     )
     shard_count: int = Field(2, description="Shards `run` starts when none are given.")
     phases: int = Field(4, description="Training history split into this many phases.")

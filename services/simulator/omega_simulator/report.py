@@ -115,7 +115,8 @@ class SimulationReport:
             f"devices                 {self.devices} on {self.shards} shards",
             f"events replayed         {self.events_replayed}",
             f"syncs ok / failed       {self.syncs.ok} / {self.syncs.failed}",
-            f"bytes up per sync       median {s['bytes_up_median']:.0f}, p95 {s['bytes_up_p95']:.0f}",
+            f"bytes up per sync       median {s['bytes_up_median']:.0f}, "
+            f"p95 {s['bytes_up_p95']:.0f}",
             f"bytes down per sync     median {s['bytes_down_median']:.0f}, "
             f"p95 {s['bytes_down_p95']:.0f}",
             f"sync latency            p50 {s['latency_ms_p50']:.2f} ms, "

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from omega_common.settings import ServiceSettings
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
-
-from omega_common.settings import ServiceSettings
 
 __all__ = ["ConstellationSettings"]
 
@@ -15,7 +14,9 @@ __all__ = ["ConstellationSettings"]
 class ConstellationSettings(ServiceSettings):
     """One replica of one shard."""
 
-    model_config = SettingsConfigDict(env_prefix="OMEGA_CONSTELLATION_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="OMEGA_CONSTELLATION_", extra="ignore", frozen=True
+    )
 
     shard_id: str = Field("shard-0", description="This replica's shard id.")
     shard_ids: list[str] = Field(

@@ -65,7 +65,9 @@ class ConstellationService:
         """The catalog snapshot served by FetchEmbeddings and SearchContent."""
         return self._catalog
 
-    async def refresh_global(self, version: int | None = None, *, force: bool = False) -> GlobalView:
+    async def refresh_global(
+        self, version: int | None = None, *, force: bool = False
+    ) -> GlobalView:
         """Reload the global view when the database has a newer round than the cache."""
         if not force and version is not None and version <= self._view.version:
             return self._view

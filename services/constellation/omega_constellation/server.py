@@ -6,9 +6,8 @@ import asyncio
 from dataclasses import dataclass
 
 import grpc
+from grpc_health.v1 import health
 import structlog
-from prometheus_client import start_http_server
-
 from omega.v1 import federation_pb2, sync_pb2
 from omega_common.db import embedded_postgres_dsn, with_database
 from omega_common.grpc_server import (
@@ -19,10 +18,11 @@ from omega_common.grpc_server import (
 )
 from omega_common.logging import configure_logging
 from omega_constellation import metrics
-from omega_constellation.servicers import ConstellationSyncServicer, FederationServicer
 from omega_constellation.service import ConstellationService
+from omega_constellation.servicers import ConstellationSyncServicer, FederationServicer
 from omega_constellation.settings import ConstellationSettings
 from omega_constellation.store import ShardStore
+from prometheus_client import start_http_server
 
 __all__ = ["RunningServer", "main_async", "resolve_database_url", "start_server"]
 
@@ -41,11 +41,11 @@ class RunningServer:
     server: grpc.aio.Server
     port: int
     service: ConstellationService
-    health: object
+    health: health.aio.HealthServicer
 
     async def stop(self, grace_seconds: float = 0.0) -> None:
         """Stop serving (draining for ``grace_seconds``) and close the database pool."""
-        await set_serving(self.health, SERVICE_NAMES, False)  # type: ignore[arg-type]
+        await set_serving(self.health, SERVICE_NAMES, False)
         await self.server.stop(grace_seconds)
         await self.service.store.close()
 
@@ -120,7 +120,7 @@ async def main_async(settings: ConstellationSettings) -> None:
     running = await start_server(settings)
 
     async def on_stop() -> None:
-        await set_serving(running.health, SERVICE_NAMES, False)  # type: ignore[arg-type]
+        await set_serving(running.health, SERVICE_NAMES, False)
 
     try:
         await serve_until_signal(running.server, settings.grace_seconds, on_stop)

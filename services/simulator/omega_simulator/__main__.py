@@ -30,7 +30,9 @@ def _run(settings: SimulatorSettings) -> int:
         catalog = work / "catalog.npz"
         n = write_catalog_file(ml, catalog)
         print(f"catalog: {n} items embedded with all-MiniLM-L6-v2")
-        stack = LocalStack(work, settings.shard_count, env={"OMEGA_CONSTELLATION_LOG_LEVEL": "WARNING"})
+        stack = LocalStack(
+            work, settings.shard_count, env={"OMEGA_CONSTELLATION_LOG_LEVEL": "WARNING"}
+        )
         federation_env = {
             "OMEGA_FEDERATION_MIN_SOURCES": str(settings.min_sources),
             "OMEGA_FEDERATION_EPSILON": str(settings.epsilon),

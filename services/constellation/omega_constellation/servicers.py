@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import grpc
-
 from omega.v1 import federation_pb2, federation_pb2_grpc, patterns_pb2, sync_pb2, sync_pb2_grpc
 from omega_common.errors import InvalidArgumentError
 from omega_constellation import metrics
@@ -19,7 +18,7 @@ from omega_constellation.converters import (
 )
 from omega_constellation.service import ConstellationService, GlobalView
 from omega_constellation.store import ExportRow
-from omega_protocol import decode_embedding, encode_embeddings, encode_payload
+from omega_protocol import decode_embedding, encode_embeddings, encode_payload, pattern_context
 from omega_protocol import dequantize_int8 as _dequantize
 
 __all__ = ["ConstellationSyncServicer", "FederationServicer"]
@@ -171,12 +170,7 @@ def _exported(row: ExportRow) -> federation_pb2.ExportedPattern:
             embedding=int8_to_embedding(p.codes, p.scale),
             success_rate=p.success_rate,
             sample_count=p.sample_count,
-            context=patterns_pb2.PatternContext(
-                time_slot=p.time_slot,
-                day_type=p.day_type,
-                content_type=p.content_type,
-                genre_hints=p.genre_hints,
-            ),
+            context=pattern_context(p.time_slot, p.day_type, p.content_type, p.genre_hints),
             created_at_ms=p.created_at_ms,
             updated_at_ms=p.updated_at_ms,
         ),

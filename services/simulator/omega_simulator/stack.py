@@ -24,7 +24,6 @@ from typing import Any
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from omega_common.db import create_database, drop_database, embedded_postgres_dsn, with_database
 from omega_data import MovieLens, catalog_embeddings
 
@@ -131,7 +130,9 @@ class LocalStack:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if proc.process.poll() is not None:
-                    raise RuntimeError(f"{name} exited with {proc.process.returncode}; see {proc.log}")
+                    raise RuntimeError(
+                        f"{name} exited with {proc.process.returncode}; see {proc.log}"
+                    )
                 try:
                     status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
                     if status.status == health_pb2.HealthCheckResponse.SERVING:

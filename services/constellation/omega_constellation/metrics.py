@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
-
 from omega_common.grpc_server import RpcMetrics
+from prometheus_client import Counter, Gauge, Histogram
 
 __all__ = [
     "DEVICE_RECOMMEND_P99",

@@ -9,6 +9,7 @@ popularity baseline, the local-only brain and the federated brain.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-
 from omega_brain import Brain, BrainConfig, CatalogIndex, GrpcTransport, ViewingEvent, fetch_catalog
 from omega_data import (
     MovieLens,
@@ -165,7 +165,8 @@ def replay_movielens(
         with ThreadPoolExecutor(max_workers=settings.workers) as pool:
             for phase in range(settings.phases):
                 t0 = time.perf_counter()
-                for s in pool.map(lambda d: _replay_phase(d, phase, settings), devices):
+                work = functools.partial(_replay_phase, phase=phase, settings=settings)
+                for s in pool.map(work, devices):
                     stats.merge(s)
                 progress(
                     f"phase {phase + 1}/{settings.phases}: {len(devices)} devices,"
@@ -212,7 +213,9 @@ def _evaluate(
     def add(name: str, rankings: Mapping[int, Sequence[int]]) -> None:
         m = evaluate_rankings(rankings, user_splits, catalog_size)
         rows.append(
-            QualityRow(name, m.users, m.precision_at_10, m.recall_at_20, m.ndcg_at_10, m.coverage_at_10)
+            QualityRow(
+                name, m.users, m.precision_at_10, m.recall_at_20, m.ndcg_at_10, m.coverage_at_10
+            )
         )
 
     popularity = popularity_rankings(splits, k=20)

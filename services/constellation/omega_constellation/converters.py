@@ -12,7 +12,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
 from omega.v1 import federation_pb2, patterns_pb2, sync_pb2
 from omega_common.errors import InvalidArgumentError
 from omega_protocol import (
@@ -21,6 +20,7 @@ from omega_protocol import (
     PayloadError,
     decode_embedding,
     decode_payload,
+    pattern_context,
     quantize_int8,
 )
 
@@ -278,7 +278,7 @@ def global_patterns_message(
                 quality=p.quality,
                 source_count=p.source_count,
                 success_rate=p.success_rate,
-                context=patterns_pb2.PatternContext(time_slot=p.time_slot, day_type=p.day_type),
+                context=pattern_context(p.time_slot, p.day_type),
                 round=p.round,
             )
             for p in patterns
