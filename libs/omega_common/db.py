@@ -27,6 +27,7 @@ __all__ = [
     "create_database",
     "drop_database",
     "embedded_postgres_dsn",
+    "is_database_unavailable",
     "load_migrations",
     "with_database",
 ]
@@ -41,6 +42,24 @@ DATABASE_UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.PostgresConnectionError,
 )
 """Exceptions that mean "the database is down or unreachable" (mapped to UNAVAILABLE)."""
+
+# SQLSTATE classes of an outage: 08 connection exception, 53 insufficient resources, 57P
+# operator intervention (shutdown, cannot connect now, database dropped), and 55000 raised on
+# connect to a database that is not accepting connections.
+_UNAVAILABLE_SQLSTATE_PREFIXES = ("08", "53", "57P", "55000")
+
+
+def is_database_unavailable(exc: BaseException) -> bool:
+    """True when ``exc`` means the database is down or unreachable (the client should retry)."""
+    if isinstance(exc, DATABASE_UNAVAILABLE_ERRORS):
+        return True
+    sqlstate = getattr(exc, "sqlstate", None)
+    return (
+        isinstance(exc, asyncpg.PostgresError)
+        and isinstance(sqlstate, str)
+        and (sqlstate.startswith(_UNAVAILABLE_SQLSTATE_PREFIXES))
+    )
+
 
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _MIGRATION_LOCK_KEY = 0x0E6A_0001  # pg_advisory_xact_lock key serializing migrators

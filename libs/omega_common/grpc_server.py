@@ -22,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Histogram
 
-from omega_common.db import DATABASE_UNAVAILABLE_ERRORS
+from omega_common.db import is_database_unavailable
 from omega_common.errors import OmegaError
 
 __all__ = [
@@ -56,7 +56,7 @@ class RpcMetrics:
 def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, OmegaError):
         return exc.code, str(exc)
-    if isinstance(exc, DATABASE_UNAVAILABLE_ERRORS):
+    if is_database_unavailable(exc):
         return grpc.StatusCode.UNAVAILABLE, f"database unavailable: {type(exc).__name__}"
     return grpc.StatusCode.INTERNAL, "internal error"
 

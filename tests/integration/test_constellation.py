@@ -232,3 +232,29 @@ async def test_health_and_reflection(shard: RunningServer) -> None:
     assert {"omega.v1.ConstellationSync", "omega.v1.Federation", "grpc.health.v1.Health"} <= set(
         names
     )
+
+
+async def test_database_outage_is_unavailable_then_recovers(
+    stub: sync_pb2_grpc.ConstellationSyncStub, database_url: str, pg_admin_dsn: str
+) -> None:
+    name = database_url.rsplit("/", 1)[-1].split("?")[0]
+    admin = await asyncpg.connect(pg_admin_dsn)
+    try:
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.SyncPatterns(request("tv-outage", 1, pattern("p")))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        await admin.close()
+    # The client retries the same (device, version) once the database is back: applied once.
+    for _ in range(20):
+        try:
+            response = await stub.SyncPatterns(request("tv-outage", 1, pattern("p")))
+            break
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE
+    assert response.acknowledged_version == 1 and not response.duplicate
