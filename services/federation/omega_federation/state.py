@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-
 from omega_common.db import apply_migrations, load_migrations
 
 __all__ = ["ROUND_LOCK_KEY", "RoundRecord", "ShardMark", "WorkerState"]
@@ -89,7 +88,10 @@ class WorkerState:
             "INSERT INTO federation_rounds (round_id, status, watermarks, payload, privacy,"
             " figures, started_at) VALUES ($1, 'aggregated', $2, $3, $4, $5, now())",
             round_id,
-            {k: {"watermark_ms": m.watermark_ms, "views_round": m.views_round} for k, m in marks.items()},
+            {
+                k: {"watermark_ms": m.watermark_ms, "views_round": m.views_round}
+                for k, m in marks.items()
+            },
             payload,
             privacy,
             figures,

@@ -9,10 +9,10 @@ import signal
 from dataclasses import asdict
 
 import grpc
-from prometheus_client import start_http_server
-
 from omega_common.db import create_database, embedded_postgres_dsn, with_database
 from omega_common.logging import configure_logging
+from prometheus_client import start_http_server
+
 from omega_federation.settings import FederationSettings
 from omega_federation.state import WorkerState
 from omega_federation.worker import run_periodic, run_round
@@ -32,7 +32,9 @@ async def _main(mode: str, settings: FederationSettings) -> int:
         start_http_server(settings.metrics_port)
     state = await WorkerState.open(await _database_url(settings))
     options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
-    channels = {s: grpc.aio.insecure_channel(a, options=options) for s, a in settings.shards.items()}
+    channels = {
+        s: grpc.aio.insecure_channel(a, options=options) for s, a in settings.shards.items()
+    }
     try:
         if mode == "run-once":
             report = await run_round(settings, state, channels)

@@ -14,6 +14,7 @@ A round (ARCHITECTURE.md section 4):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -22,9 +23,17 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 import structlog
-
-from omega.v1 import federation_pb2, federation_pb2_grpc, patterns_pb2
+from omega.v1 import federation_pb2, federation_pb2_grpc, patterns_pb2, sync_pb2, sync_pb2_grpc
 from omega_common.errors import UnavailableError
+from omega_protocol import (
+    EMBEDDING_DIM,
+    ContextBucket,
+    bucket_from_context,
+    decode_embedding,
+    dequantize_int8,
+    encode_embedding,
+)
+
 from omega_federation import metrics
 from omega_federation.aggregation import AggregatedPattern, Contributions, federated_average
 from omega_federation.codebook import Codebook
@@ -32,13 +41,6 @@ from omega_federation.privacy import PrivacyAccountant, PrivacyParams
 from omega_federation.settings import FederationSettings
 from omega_federation.state import RoundRecord, ShardMark, WorkerState
 from omega_federation.trends import trend_scores
-from omega_protocol import (
-    EMBEDDING_DIM,
-    ContextBucket,
-    bucket_from_context,
-    dequantize_int8,
-    encode_embedding,
-)
 
 __all__ = ["RoundReport", "run_periodic", "run_round"]
 
@@ -88,9 +90,7 @@ class _Export:
         )
 
 
-async def _call(
-    what: str, attempts: int, fn: Callable[[], Awaitable[T]]
-) -> T:
+async def _call(what: str, attempts: int, fn: Callable[[], Awaitable[T]]) -> T:
     """Call a shard RPC, retrying UNAVAILABLE/DEADLINE_EXCEEDED with backoff."""
     for attempt in range(1, attempts + 1):
         try:
@@ -137,7 +137,10 @@ async def _export_shard(
                 bucket = bucket_from_context(p.context).index
             except ValueError:
                 continue  # a shard validated contexts on write; skip anything odd
-            if p.embedding.encoding != patterns_pb2.EMBEDDING_ENCODING_INT8 or p.embedding.dim != EMBEDDING_DIM:
+            if (
+                p.embedding.encoding != patterns_pb2.EMBEDDING_ENCODING_INT8
+                or p.embedding.dim != EMBEDDING_DIM
+            ):
                 continue
             sink.device_keys.append(f"{shard_id}/{exported.device_key}")
             sink.buckets.append(bucket)
@@ -218,7 +221,7 @@ async def run_round(
         latest = await state.latest()
         if latest is not None and latest.status == "aggregated":
             return await _resume(latest, stubs, settings, state, started)
-        return await _new_round(latest, stubs, settings, state, started)
+        return await _new_round(latest, channels, settings, state, started)
     finally:
         await state.unlock()
 
@@ -249,12 +252,13 @@ async def _resume(
 
 async def _new_round(
     latest: RoundRecord | None,
-    stubs: Mapping[str, federation_pb2_grpc.FederationStub],
+    channels: Mapping[str, grpc.aio.Channel],
     settings: FederationSettings,
     state: WorkerState,
     started: float,
 ) -> RoundReport:
     round_id = (latest.round_id if latest else 0) + 1
+    stubs = {s: federation_pb2_grpc.FederationStub(c) for s, c in channels.items()}
     marks = dict(latest.marks) if latest else {}
     sink = _Export()
     results = await asyncio.gather(
@@ -269,7 +273,9 @@ async def _new_round(
     metrics.PATTERNS_EXPORTED.inc(exported)
 
     accountant = (
-        PrivacyAccountant.from_dict(latest.privacy) if latest and latest.privacy else PrivacyAccountant()
+        PrivacyAccountant.from_dict(latest.privacy)
+        if latest and latest.privacy
+        else PrivacyAccountant()
     )
     params = PrivacyParams(
         epsilon=settings.epsilon,
@@ -278,15 +284,13 @@ async def _new_round(
         mechanism=settings.mechanism,
         max_patterns_per_device=settings.max_patterns_per_device,
     )
-    rng = np.random.default_rng(
-        None if settings.seed is None else [settings.seed, round_id]
-    )
+    rng = np.random.default_rng(None if settings.seed is None else [settings.seed, round_id])
     patterns: list[AggregatedPattern] = []
     groups_total = 0
     epsilon = 0.0
     if exported:
         contributions = sink.contributions()
-        codebook = await _codebook(state, contributions.embeddings, settings)
+        codebook = await _codebook(state, channels, contributions.embeddings, settings)
         result = await asyncio.to_thread(
             federated_average,
             contributions,
@@ -303,7 +307,9 @@ async def _new_round(
     previous = _previous_trending(latest)
     hours = 0.0
     if latest is not None:
-        hours = max(0.0, (time.time() - float(latest.figures.get("finished_at", time.time()))) / 3600)
+        hours = max(
+            0.0, (time.time() - float(latest.figures.get("finished_at", time.time()))) / 3600
+        )
     trending = trend_scores(
         sink.views,
         previous,
@@ -331,16 +337,21 @@ async def _new_round(
         "cumulative_epsilon": accountant.cumulative_epsilon,
         "finished_at": time.time(),
     }
-    await state.save_aggregated(round_id, new_marks, request.SerializeToString(), accountant.to_dict(), figures)
+    await state.save_aggregated(
+        round_id, new_marks, request.SerializeToString(), accountant.to_dict(), figures
+    )
     stored = await _publish(stubs, request, settings)
     await state.mark_published(round_id, figures)
     seconds = time.perf_counter() - started
     metrics.ROUNDS.labels("published").inc()
     metrics.ROUND_SECONDS.observe(seconds)
     metrics.CUMULATIVE_EPSILON.set(accountant.cumulative_epsilon)
-    _log.info("round_published", round=round_id, seconds=round(seconds, 3), **{
-        k: v for k, v in figures.items() if k != "finished_at"
-    })
+    _log.info(
+        "round_published",
+        round=round_id,
+        seconds=round(seconds, 3),
+        **{k: v for k, v in figures.items() if k != "finished_at"},
+    )
     return RoundReport(
         round_id,
         "published",
@@ -362,15 +373,57 @@ def _previous_trending(latest: RoundRecord | None) -> dict[str, float]:
     return {t.content_id: t.score for t in request.trending}
 
 
+async def _catalog_embeddings(
+    channels: Mapping[str, grpc.aio.Channel], settings: FederationSettings
+) -> np.ndarray:
+    """Every catalog embedding of the first shard that answers, via FetchEmbeddings."""
+    last: Exception | None = None
+    for shard_id, channel in sorted(channels.items()):
+        stub = sync_pb2_grpc.ConstellationSyncStub(channel)
+        rows: list[np.ndarray] = []
+        token = ""
+        try:
+            while True:
+                page = await stub.FetchEmbeddings(
+                    sync_pb2.FetchEmbeddingsRequest(page_size=1000, page_token=token),
+                    timeout=settings.rpc_timeout_seconds,
+                )
+                rows += [decode_embedding(item.embedding) for item in page.items]
+                token = page.next_page_token
+                if not token:
+                    break
+        except grpc.aio.AioRpcError as exc:
+            last = UnavailableError(f"catalog from {shard_id}: {exc.code().name}")
+            continue
+        if rows:
+            return np.stack(rows)
+    if last is not None:
+        raise last
+    return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
+
+
 async def _codebook(
-    state: WorkerState, embeddings: np.ndarray, settings: FederationSettings
+    state: WorkerState,
+    channels: Mapping[str, grpc.aio.Channel],
+    fallback: np.ndarray,
+    settings: FederationSettings,
 ) -> Codebook:
-    """The stored codebook, or one trained on this round's embeddings (then kept stable)."""
+    """The stored codebook, or a new one trained once and then kept stable across rounds.
+
+    It is trained on the public catalog embeddings (fetched from a shard), so the pattern keys
+    cost no privacy budget: device patterns live in the same space, being running means of
+    content embeddings. Only when the catalog is empty does it fall back to this round's
+    (private) pattern embeddings, which is logged.
+    """
     data = await state.codebook()
     if data is not None:
         return Codebook.from_bytes(data)
+    public = await _catalog_embeddings(channels, settings)
+    if len(public) == 0:
+        _log.warning("codebook_from_private_patterns", reason="empty catalog")
+        public = fallback
     codebook = await asyncio.to_thread(
-        Codebook.train, embeddings, settings.codebook_size, settings.seed or 0
+        Codebook.train, public, settings.codebook_size, settings.seed or 0
     )
     await state.save_codebook(codebook.to_bytes())
     return codebook
@@ -396,8 +449,6 @@ async def run_periodic(
             metrics.ROUNDS.labels("failed").inc()
             _log.warning("round_failed", error=str(exc))
         wait = max(0.0, settings.interval_seconds - (time.monotonic() - tick))
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=wait)
-        except TimeoutError:
-            pass
     return published
