@@ -241,8 +241,8 @@ def delta_from_request(
         raise InvalidArgumentError(
             f"delta.local_version {delta.local_version} != request {request.local_version}"
         )
-    if delta.base_version >= delta.local_version:
-        raise InvalidArgumentError("delta.base_version must be below local_version")
+    if delta.base_version > delta.local_version:
+        raise InvalidArgumentError("delta.base_version must not exceed local_version")
     if len(delta.added) + len(delta.updated) > limits.max_patterns:
         raise InvalidArgumentError(f"more than {limits.max_patterns} patterns in one delta")
     if len(delta.content_views) > limits.max_content_views:

@@ -38,7 +38,7 @@ class SyncOutcome:
 
     acknowledged_version: int
     duplicate: bool
-    patterns_stored: int
+    patterns_stored: int  # patterns the shard holds for the device after this sync
     global_version: int
 
 
@@ -114,12 +114,14 @@ class ShardStore:
                 device_key(delta.device_id),
                 shard_id,
             )
-            last = await conn.fetchval(
-                "SELECT last_local_version FROM devices WHERE device_id = $1 FOR UPDATE",
+            device = await conn.fetchrow(
+                "SELECT last_local_version, pattern_count FROM devices"
+                " WHERE device_id = $1 FOR UPDATE",
                 delta.device_id,
             )
+            last = device["last_local_version"]
             if delta.local_version <= last:
-                return SyncOutcome(last, True, 0, global_version)
+                return SyncOutcome(last, True, device["pattern_count"], global_version)
 
             keep = [p for p in delta.upserts if p.success_rate >= min_success_rate]
             drop = [p.pattern_id for p in delta.upserts if p.success_rate < min_success_rate]

@@ -28,6 +28,7 @@ from omega_data import (
     popularity_rankings,
 )
 from omega_protocol import shard_for
+
 from omega_simulator.report import QualityRow, SimulationReport, SyncStats
 from omega_simulator.settings import SimulatorSettings
 
@@ -67,41 +68,35 @@ def _replay_phase(device: Device, phase: int, settings: SimulatorSettings) -> Sy
     chunk = device.events[_phase_slice(len(device.events), phase, settings.phases)]
     pending = 0
 
-    def sync() -> None:
-        result = device.brain.sync()
-        if result.ok:
-            stats.ok += 1
-            stats.bytes_up.append(result.bytes_up)
-            stats.bytes_down.append(result.bytes_down)
-            stats.latency_seconds.append(result.latency_seconds)
-        else:
-            stats.failed += 1
-            key = (result.error or "unknown")[:80]
-            stats.errors[key] = stats.errors.get(key, 0) + 1
-
     for event in chunk:
         device.brain.observe(event)
         pending += 1
         if pending >= settings.sync_every_events:
-            sync()
+            _sync(device, stats)
             pending = 0
     if pending:
-        sync()
+        _sync(device, stats)
     return stats
 
 
-def _final_pull(device: Device) -> SyncStats:
-    stats = SyncStats()
+def _sync(device: Device, stats: SyncStats) -> None:
+    """One sync of ``device``, recorded in ``stats``."""
     result = device.brain.sync()
     if result.ok:
         stats.ok += 1
         stats.bytes_up.append(result.bytes_up)
         stats.bytes_down.append(result.bytes_down)
         stats.latency_seconds.append(result.latency_seconds)
+        device.patterns_stored = result.server_pattern_count
     else:
         stats.failed += 1
         key = (result.error or "unknown")[:80]
         stats.errors[key] = stats.errors.get(key, 0) + 1
+
+
+def _final_pull(device: Device) -> SyncStats:
+    stats = SyncStats()
+    _sync(device, stats)
     return stats
 
 
@@ -146,7 +141,10 @@ def replay_movielens(
     shard_ids = sorted(shards)
     transports = {s: GrpcTransport(shards[s]) for s in shard_ids}
     try:
-        catalog: CatalogIndex = fetch_catalog(transports[shard_ids[0]])
+        fetched = fetch_catalog(transports[shard_ids[0]])
+        catalog = CatalogIndex(
+            fetched.content_ids, fetched.embeddings, titles=fetched.titles, genres=fetched.genres
+        )
         progress(f"catalog: {len(catalog)} items fetched from {shard_ids[0]}")
         devices: list[Device] = []
         for uid in user_ids:
@@ -184,7 +182,7 @@ def replay_movielens(
             for s in pool.map(_final_pull, devices):
                 stats.merge(s)
         quality = _evaluate(devices, splits, len(ml.items))
-        patterns_stored = sum(d.brain.stats().server_pattern_count for d in devices)
+        patterns_stored = sum(d.patterns_stored for d in devices)
         for d in devices:
             d.brain.close()
     finally:

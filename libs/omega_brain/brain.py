@@ -1,0 +1,1001 @@
+"""The TV brain: learns viewing patterns on the device, recommends, and syncs with its shard.
+
+A `Brain` is safe to call from several threads (calls are serialized by a lock; the network
+part of `sync` runs outside it). Raw viewing history stays in the local store; only pattern
+deltas and per-content view counts are sent.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+
+import numpy as np
+import numpy.typing as npt
+from omega.v1 import patterns_pb2, sync_pb2
+from omega_protocol import (
+    EMBEDDING_DIM,
+    ContextBucket,
+    EmbeddingError,
+    PayloadError,
+    bucket_from_context,
+    bucket_from_timestamp,
+    decode_embedding,
+    decode_payload,
+    encode_embedding,
+    encode_payload,
+)
+
+from omega_brain.catalog import CatalogIndex
+from omega_brain.config import BrainConfig
+from omega_brain.errors import (
+    BrainError,
+    CatalogError,
+    InvalidArgumentError,
+    InvalidEventError,
+    SyncError,
+    UnknownContentError,
+)
+from omega_brain.models import BrainStats, Recommendation, SyncResult, ViewingEvent
+from omega_brain.patterns import Outcome, PatternState, apply_event, classify, normalize
+from omega_brain.ranking import GlobalSet, blend_global, mmr
+from omega_brain.store import GlobalPatternRow, PatternRow, Store, StoredCatalog
+from omega_brain.transport import (
+    FetchedCatalog,
+    RetryOutcome,
+    SyncTransport,
+    call_with_retries,
+    fetch_catalog,
+)
+
+__all__ = ["Brain"]
+
+REASON_TRENDING = "trending"
+REASON_GLOBAL = "liked by similar viewers"
+REASON_HISTORY = "matches your viewing history"
+
+_UINT32_MAX = 2**32 - 1
+_LATENCY_WINDOW = 1024
+_COMPRESS_MIN_BYTES = 64  # below this the zstd frame header costs more than it saves
+
+
+@dataclass(frozen=True, slots=True)
+class _Query:
+    """The parts of one recommendation query (vectors are (384,) float32 unit)."""
+
+    local: npt.NDArray[np.float32] | None
+    local_weight: float
+    local_reason: str
+    glob: npt.NDArray[np.float32] | None
+    global_weight: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Trends:
+    """Trending items of the current catalog: rows and scores normalized to (0, 1]."""
+
+    positions: npt.NDArray[np.int64]
+    scores: npt.NDArray[np.float32]
+    by_position: dict[int, float]
+
+
+@dataclass(frozen=True, slots=True)
+class _Sent:
+    """What a sync request carried, for bookkeeping once it is acknowledged."""
+
+    local_version: int
+    patterns: list[tuple[str, int]]
+    views: dict[str, int]
+
+
+class Brain:
+    """One TV's brain.
+
+    Args:
+        device_id: the device's stable id (non-empty, at most 256 characters).
+        config: settings (defaults: `BrainConfig()`, an in-memory store).
+        transport: how to reach the shard; without one `sync` and `fetch_catalog` raise
+            `BrainError` and everything else works offline.
+        catalog: a prebuilt, possibly shared, catalog index. Without one the brain uses the
+            catalog persisted in its store, if any (see `load_catalog` / `fetch_catalog`).
+        clock: wall clock in seconds since the epoch (default `time.time`); used for "now"
+            in `recommend` and for pattern timestamps.
+
+    Raises:
+        InvalidArgumentError: a bad device id.
+        StoreError: the store cannot be opened, or belongs to another device.
+    """
+
+    def __init__(
+        self,
+        device_id: str,
+        config: BrainConfig | None = None,
+        *,
+        transport: SyncTransport | None = None,
+        catalog: CatalogIndex | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not isinstance(device_id, str) or not device_id or len(device_id) > 256:
+            raise InvalidArgumentError("device_id must be a non-empty string of <= 256 chars")
+        if config is not None and not isinstance(config, BrainConfig):
+            raise InvalidArgumentError("config must be a BrainConfig")
+        if catalog is not None and not isinstance(catalog, CatalogIndex):
+            raise InvalidArgumentError("catalog must be a CatalogIndex")
+        self._device_id = device_id
+        self._config = config or BrainConfig()
+        self._transport = transport
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._sync_lock = threading.Lock()
+        self._rng = random.Random()
+        self._latencies: deque[float] = deque(maxlen=_LATENCY_WINDOW)
+        self._recommend_calls = 0
+        self._closed = False
+        self._owns_catalog = False
+        self._global_by_bucket: dict[int, GlobalSet] = {}
+        self._global_any: GlobalSet | None = None
+        self._global_count = 0
+        self._trending: list[tuple[str, float]] = []
+        self._trend_cache: _Trends | None = None
+        self._store = Store(self._config.store_path, device_id)
+        try:
+            self._state = self._store.state()
+            self._patterns = self._store.patterns()
+            self._watched = self._store.watched()
+            self._catalog = catalog
+            if catalog is None:
+                stored = self._store.catalog()
+                if stored is not None:
+                    self._catalog = self._build_index(
+                        stored.content_ids, stored.embeddings, stored.titles, stored.genres
+                    )
+                    self._owns_catalog = True
+            self._reload_global()
+        except BaseException:
+            self._store.close()
+            raise
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def device_id(self) -> str:
+        """The device id given at construction."""
+        return self._device_id
+
+    @property
+    def config(self) -> BrainConfig:
+        """The settings in use."""
+        return self._config
+
+    @property
+    def catalog(self) -> CatalogIndex | None:
+        """The catalog index in use, or None before one is loaded."""
+        return self._catalog
+
+    # ------------------------------------------------------------------ catalog
+
+    def load_catalog(
+        self,
+        content_ids: Sequence[str],
+        embeddings: npt.ArrayLike,
+        titles: Sequence[str] | None = None,
+        genres: Sequence[Sequence[str]] | None = None,
+    ) -> None:
+        """Replace the catalog: persist it to the store and build this brain's own index.
+
+        Embeddings are normalized and rounded to float16 (the stored precision) before
+        indexing, so a reopened brain searches exactly the same vectors.
+
+        Args:
+            content_ids: n distinct non-empty ids.
+            embeddings: (n, 384) float, finite, non-zero rows.
+            titles: n titles, or None.
+            genres: n genre lists, or None.
+
+        Raises:
+            CatalogError: bad shapes, values or ids (nothing is changed).
+            StoreError: the store could not be written.
+            BrainError: the brain is closed.
+        """
+        ids = [str(c) for c in content_ids]
+        try:
+            x = np.asarray(embeddings, dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise CatalogError(f"embeddings are not a float array: {exc}") from exc
+        if x.ndim == 2 and x.size and np.all(np.isfinite(x)):
+            x = normalize(x).astype(np.float16).astype(np.float32)
+        title_list = [str(t) for t in titles] if titles is not None else [""] * len(ids)
+        genre_list = (
+            [[str(g) for g in gs] for gs in genres] if genres is not None else [[] for _ in ids]
+        )
+        with self._lock:
+            self._check_open()
+            index = self._build_index(ids, x, title_list, genre_list)
+            with self._store.transaction():
+                self._store.replace_catalog(ids, x, title_list, genre_list)
+                self._store.set_state({"catalog_version": 0})
+            self._state["catalog_version"] = 0
+            self._set_catalog(index)
+
+    def fetch_catalog(self) -> int:
+        """Download catalog changes from the shard and rebuild this brain's own index.
+
+        The first call downloads everything; later calls ask only for items changed since
+        the last catalog version and merge them into the stored catalog.
+
+        Returns:
+            The number of items in the catalog afterwards.
+
+        Raises:
+            BrainError: no transport configured, or the brain is closed.
+            SyncError: the download failed (after retries); nothing is changed.
+            CatalogError: the server sent unusable items; nothing is changed.
+            StoreError: the store could not be written.
+        """
+        transport = self._require_transport()
+        cfg = self._config
+        with self._sync_lock:
+            with self._lock:
+                self._check_open()
+                since = self._state["catalog_version"]  # > 0 only after a stored fetch
+            fetched = fetch_catalog(
+                transport,
+                page_size=cfg.catalog_page_size,
+                since_catalog_version=since,
+                timeout_seconds=cfg.timeout_seconds,
+                max_attempts=cfg.max_attempts,
+                base_backoff_seconds=cfg.base_backoff_seconds,
+                max_backoff_seconds=cfg.max_backoff_seconds,
+                rng=self._rng,
+            )
+            with self._lock:
+                self._check_open()
+                version = max(fetched.catalog_version, since)
+                current = self._catalog
+                if not fetched.content_ids and self._owns_catalog and current is not None:
+                    self._store.set_state({"catalog_version": version})
+                    self._state["catalog_version"] = version
+                    return len(current)
+                stored = self._store.catalog() if since else None
+                if stored is not None:
+                    ids, emb, titles, genres = _merge_catalog(stored, fetched)
+                else:
+                    ids, emb = fetched.content_ids, fetched.embeddings
+                    titles, genres = fetched.titles, fetched.genres
+                if not ids:
+                    return len(current) if current is not None else 0
+                emb = normalize(emb).astype(np.float16).astype(np.float32)
+                index = self._build_index(ids, emb, titles, genres)
+                with self._store.transaction():
+                    self._store.replace_catalog(ids, emb, titles, genres)
+                    self._store.set_state({"catalog_version": version})
+                self._state["catalog_version"] = version
+                self._set_catalog(index)
+                return len(index)
+
+    # ------------------------------------------------------------------ learning
+
+    def observe(self, event: ViewingEvent) -> None:
+        """Learn from one viewing and record it (one store transaction).
+
+        Updates the pattern of the event's context bucket (see `omega_brain.patterns`),
+        bumps the local version, records the event and counts a view of the content.
+
+        Args:
+            event: the viewing.
+
+        Raises:
+            InvalidEventError: not a ViewingEvent, empty content id, completion not a finite
+                number in [0, 1], started_at_ms not an int >= 0, watch_seconds negative or
+                not finite.
+            UnknownContentError: the content is not in the catalog (or there is no catalog).
+            StoreError: the store could not be written (nothing is changed).
+            BrainError: the brain is closed.
+        """
+        content_id, started_at_ms, completion, watch_seconds = _validate_event(event)
+        cfg = self._config
+        with self._lock:
+            self._check_open()
+            if self._catalog is None:
+                raise UnknownContentError(f"no catalog loaded; cannot observe {content_id!r}")
+            content = self._catalog.embedding_of(content_id)
+            bucket = bucket_from_timestamp(started_at_ms, cfg.utc_offset_minutes).index
+            outcome = classify(completion, cfg.success_completion, cfg.failure_completion)
+            version = self._state["local_version"] + 1
+            now_ms = self._now_ms()
+            old = self._patterns.get(bucket)
+            old_state = old.state if old is not None else PatternState()
+            state = apply_event(
+                old_state,
+                content,
+                outcome,
+                min_step=cfg.min_step,
+                failure_step=cfg.failure_step,
+            )
+            moved = outcome is Outcome.SUCCESS or (
+                outcome is Outcome.FAILURE and old_state.embedding is not None
+            )
+            row = PatternRow(
+                bucket=bucket,
+                pattern_id=old.pattern_id if old is not None else uuid.uuid4().hex,
+                state=state,
+                created_at_ms=old.created_at_ms if old is not None else now_ms,
+                updated_at_ms=now_ms,
+                changed_version=version,
+                embedding_version=version if moved else (old.embedding_version if old else 0),
+            )
+            with self._store.transaction():
+                self._store.insert_event(
+                    content_id,
+                    started_at_ms,
+                    completion,
+                    watch_seconds,
+                    bucket,
+                    int(outcome),
+                    version,
+                )
+                self._store.upsert_pattern(row)
+                self._store.add_view(content_id)
+                self._store.set_state({"local_version": version})
+            self._patterns[bucket] = row
+            self._state["local_version"] = version
+            self._watched.add(content_id)
+
+    # ------------------------------------------------------------------ recommending
+
+    def recommend(
+        self,
+        k: int = 10,
+        *,
+        timestamp_ms: int | None = None,
+        use_global: bool = True,
+        exclude_watched: bool = True,
+    ) -> list[Recommendation]:
+        """Recommend up to ``k`` items for a moment in time.
+
+        The query is the local pattern of the moment's context bucket (else the
+        sample-weighted mean of all local patterns), weighted by ``local_weight x its success
+        rate``, blended with the nearest good global patterns of the bucket, weighted by
+        ``global_weight x their success rate``. Candidates are the query's nearest catalog
+        items (``k x candidate_multiplier`` + the watched count) plus the top trending items;
+        each scores ``cos(item, query) + trend_weight x trend`` (trend: trending score / the
+        highest one, 0 when not trending), watched items are dropped, and MMR picks the final
+        order. Cold start: global patterns and trends; with neither local nor global patterns,
+        trending items alone; with nothing at all, an empty list.
+
+        Args:
+            k: number of items wanted, >= 0.
+            timestamp_ms: the moment (ms since epoch, UTC); default now.
+            use_global: False ignores global patterns and trends (local learning only).
+            exclude_watched: drop content the device has observed.
+
+        Returns:
+            At most ``k`` recommendations (fewer when the catalog runs out).
+
+        Raises:
+            InvalidArgumentError: k or timestamp_ms is not an int >= 0.
+            BrainError: the brain is closed.
+        """
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 0:
+            raise InvalidArgumentError(f"k must be an int >= 0, got {k!r}")
+        if timestamp_ms is not None and (
+            isinstance(timestamp_ms, bool)
+            or not isinstance(timestamp_ms, int | np.integer)
+            or timestamp_ms < 0
+        ):
+            raise InvalidArgumentError(f"timestamp_ms must be an int >= 0, got {timestamp_ms!r}")
+        start = time.perf_counter()
+        with self._lock:
+            self._check_open()
+            if k == 0:
+                return []
+            ts = int(timestamp_ms) if timestamp_ms is not None else self._now_ms()
+            bucket = bucket_from_timestamp(ts, self._config.utc_offset_minutes)
+            result = self._recommend(int(k), bucket, use_global, exclude_watched)
+            self._recommend_calls += 1
+            self._latencies.append(time.perf_counter() - start)
+            return result
+
+    def _recommend(
+        self, k: int, bucket: ContextBucket, use_global: bool, exclude_watched: bool
+    ) -> list[Recommendation]:
+        cfg = self._config
+        watched: set[str] = self._watched if exclude_watched else set()
+        catalog = self._catalog
+        trends = self._trends() if use_global else None
+        if catalog is None or len(catalog) == 0:
+            return self._trending_without_catalog(k, watched) if use_global else []
+        query = self._query(bucket, use_global)
+        if query is None:
+            if trends is None or trends.positions.size == 0:
+                return []
+            return self._trending_only(catalog, trends, k, watched)
+        mix = np.zeros(EMBEDDING_DIM, dtype=np.float32)
+        if query.local is not None:
+            mix += np.float32(query.local_weight) * query.local
+        if query.glob is not None:
+            mix += np.float32(query.global_weight) * query.glob
+        q = normalize(mix)
+        if not np.any(q):  # local and global exactly opposite: trust the viewer
+            q = query.local if query.local is not None else normalize(mix)
+        pool = self._candidates(catalog, q, k, watched)
+        if trends is not None:
+            extra = [
+                int(p)
+                for p in trends.positions[: k * cfg.candidate_multiplier]
+                if int(p) not in pool and catalog.content_id_at(int(p)) not in watched
+            ]
+            pool.update(dict.fromkeys(extra))
+        if not pool:
+            return []
+        positions = np.fromiter(pool, dtype=np.int64, count=len(pool))
+        vectors = catalog.vectors(positions)
+        trend = np.zeros(len(positions), dtype=np.float32)
+        if trends is not None:
+            trend = np.array(
+                [trends.by_position.get(int(p), 0.0) for p in positions], dtype=np.float32
+            )
+        relevance = vectors @ q + np.float32(cfg.trend_weight) * trend
+        order = mmr(vectors, relevance, k, cfg.mmr_lambda)
+        total = query.local_weight + query.global_weight
+        out: list[Recommendation] = []
+        for i in order:
+            contributions: list[tuple[float, str]] = []
+            if query.local is not None:
+                share = query.local_weight / total
+                contributions.append((share * float(vectors[i] @ query.local), query.local_reason))
+            if query.glob is not None:
+                share = query.global_weight / total
+                contributions.append((share * float(vectors[i] @ query.glob), REASON_GLOBAL))
+            if trend[i] > 0:
+                contributions.append((cfg.trend_weight * float(trend[i]), REASON_TRENDING))
+            reasons = tuple(r for c, r in sorted(contributions, key=lambda t: -t[0]) if c > 0)
+            if not reasons:
+                reasons = (query.local_reason if query.local is not None else REASON_GLOBAL,)
+            cid = catalog.content_id_at(int(positions[i]))
+            out.append(Recommendation(cid, float(relevance[i]), reasons))
+        return out
+
+    def _query(self, bucket: ContextBucket, use_global: bool) -> _Query | None:
+        cfg = self._config
+        local: npt.NDArray[np.float32] | None = None
+        local_rate = 0.0
+        reason = REASON_HISTORY
+        row = self._patterns.get(bucket.index)
+        if row is not None and row.state.embedding is not None:
+            local, local_rate = row.state.embedding, row.state.success_rate
+            reason = f"matches your {bucket.name} viewing"
+        else:
+            learned = [r.state for r in self._patterns.values() if r.state.embedding is not None]
+            if learned:
+                w = np.array([s.sample_count for s in learned], dtype=np.float32)
+                stacked = np.stack([s.embedding for s in learned if s.embedding is not None])
+                mean = normalize((w[:, None] * stacked).sum(axis=0))
+                if np.any(mean):
+                    local = mean
+                    local_rate = float(
+                        (w * np.array([s.success_rate for s in learned])).sum() / w.sum()
+                    )
+        glob: npt.NDArray[np.float32] | None = None
+        global_rate = 0.0
+        if use_global:
+            candidates = self._global_by_bucket.get(bucket.index) or self._global_any
+            if candidates is not None:
+                blended = blend_global(candidates, local, cfg.global_top_n)
+                if blended is not None:
+                    glob, global_rate = blended
+        local_weight = cfg.local_weight * local_rate if local is not None else 0.0
+        global_weight = cfg.global_weight * global_rate if glob is not None else 0.0
+        if local_weight <= 0 and global_weight <= 0:
+            # A zero weight (e.g. local_weight=0 config) must not hide a pattern we do have.
+            if local is None and glob is None:
+                return None
+            local_weight = 1.0 if local is not None else 0.0
+            global_weight = 1.0 if glob is not None else 0.0
+        return _Query(
+            local if local_weight > 0 else None,
+            local_weight,
+            reason,
+            glob if global_weight > 0 else None,
+            global_weight,
+        )
+
+    def _candidates(
+        self, catalog: CatalogIndex, q: npt.NDArray[np.float32], k: int, watched: set[str]
+    ) -> dict[int, None]:
+        """The ``k x candidate_multiplier`` nearest unwatched rows to ``q``, best first.
+
+        Searches ``k x candidate_multiplier + len(watched)`` neighbours (enough even if every
+        watched item is among them); if HNSW still comes back short of k, searches wider.
+        Returns an insertion-ordered set (dict keys).
+        """
+        wanted = k * self._config.candidate_multiplier
+        n = min(len(catalog), wanted + len(watched))
+        while True:
+            positions, _ = catalog.search_positions(q, n)
+            pool: dict[int, None] = {}
+            for p in positions[0]:
+                if p >= 0 and catalog.content_id_at(int(p)) not in watched:
+                    pool[int(p)] = None
+                    if len(pool) == wanted:
+                        return pool
+            if len(pool) >= k or n >= len(catalog):
+                return pool
+            n = min(len(catalog), n * 4)
+
+    def _trending_only(
+        self, catalog: CatalogIndex, trends: _Trends, k: int, watched: set[str]
+    ) -> list[Recommendation]:
+        keep = [
+            i
+            for i, p in enumerate(trends.positions)
+            if catalog.content_id_at(int(p)) not in watched
+        ][: max(k * self._config.candidate_multiplier, k)]
+        if not keep:
+            return []
+        positions = trends.positions[keep]
+        relevance = trends.scores[keep]
+        order = mmr(catalog.vectors(positions), relevance, k, self._config.mmr_lambda)
+        return [
+            Recommendation(
+                catalog.content_id_at(int(positions[i])), float(relevance[i]), (REASON_TRENDING,)
+            )
+            for i in order
+        ]
+
+    def _trending_without_catalog(self, k: int, watched: set[str]) -> list[Recommendation]:
+        items = [(c, s) for c, s in self._trending if c not in watched and s > 0][:k]
+        if not items:
+            return []
+        peak = self._trending[0][1]  # sorted by score, highest first
+        return [Recommendation(c, s / peak, (REASON_TRENDING,)) for c, s in items]
+
+    # ------------------------------------------------------------------ syncing
+
+    def sync(self) -> SyncResult:
+        """Push the pattern delta, pull global patterns and trends; retries retryable errors.
+
+        The delta holds every pattern changed since the last acknowledged version:
+        never-acknowledged patterns and patterns whose embedding moved in ``added`` (full
+        `ViewingPattern`, int8 embedding, upserted by the server), acknowledged ones whose
+        statistics alone changed in ``updated`` (success rate, samples since the
+        acknowledgement), and the pending per-content view counts. Retries use full
+        jitter exponential backoff, only for retryable errors (UNAVAILABLE,
+        DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED).
+
+        When the server acknowledges the sent local version (or a later one), the sent
+        patterns are marked acknowledged, the sent views cleared and ``acked_version`` set to
+        the sent version; if the server reports a version above the device's (a restored or
+        reset device), the local version jumps past it so later deltas are not taken for
+        duplicates. An acknowledgement below the sent version means the delta was not
+        applied: nothing advances, and if it is even below the previous acknowledgement (the
+        server lost the device's state) every pattern is re-sent in full next time. Global
+        patterns replace stored ones of the same key and round; a non-empty trending list
+        replaces the stored one. On any failure nothing advances and the same delta (plus
+        newer changes) is sent next time.
+
+        A reply with ``redirect_shard_id`` is not applied: the result has ``ok=False`` and
+        ``redirect_shard_id`` set, and the caller re-routes (e.g. a new transport).
+
+        Returns:
+            What happened; network and server failures give ``ok=False`` and ``error``.
+
+        Raises:
+            BrainError: no transport is configured, or the brain is closed.
+            StoreError: the store could not be written.
+        """
+        transport = self._require_transport()
+        cfg = self._config
+        with self._sync_lock:
+            with self._lock:
+                self._check_open()
+                request, sent = self._build_request()
+            patterns_sent = len(sent.patterns)
+            outcome = RetryOutcome()
+            try:
+                response = call_with_retries(
+                    lambda: transport.sync_patterns(request, cfg.timeout_seconds),
+                    max_attempts=cfg.max_attempts,
+                    base_backoff_seconds=cfg.base_backoff_seconds,
+                    max_backoff_seconds=cfg.max_backoff_seconds,
+                    rng=self._rng,
+                    outcome=outcome,
+                )
+            except SyncError as exc:
+                code = f" [{exc.code.name}]" if exc.code is not None else ""
+                message = f"{exc}{code} after {outcome.attempts} attempt(s)"
+                return self._sync_failed(request, outcome, patterns_sent, message, 0, None)
+            if not isinstance(response, sync_pb2.SyncPatternsResponse):
+                return self._sync_failed(
+                    request, outcome, patterns_sent, "transport returned a non-response", 0, None
+                )
+            bytes_down = response.ByteSize()
+            if response.redirect_shard_id:
+                message = f"device belongs to shard {response.redirect_shard_id!r}"
+                return self._sync_failed(
+                    request, outcome, patterns_sent, message, bytes_down, response.redirect_shard_id
+                )
+            with self._lock:
+                self._check_open()
+                received, error = self._apply_response(sent, response)
+                return SyncResult(
+                    ok=error is None,
+                    attempts=outcome.attempts,
+                    bytes_up=request.ByteSize(),
+                    bytes_down=bytes_down,
+                    latency_seconds=outcome.last_latency_seconds,
+                    acknowledged_version=self._state["acked_version"],
+                    global_version=self._state["global_version"],
+                    patterns_sent=patterns_sent,
+                    global_patterns_received=received,
+                    error=error,
+                    server_pattern_count=response.patterns_stored,
+                )
+
+    def _build_request(self) -> tuple[sync_pb2.SyncPatternsRequest, _Sent]:
+        acked_version = self._state["acked_version"]
+        local_version = self._state["local_version"]
+        acked = self._store.acked()
+        delta = patterns_pb2.PatternDelta(local_version=local_version, base_version=acked_version)
+        sent_patterns: list[tuple[str, int]] = []
+        for bucket in sorted(self._patterns):
+            row = self._patterns[bucket]
+            st = row.state
+            if st.embedding is None:
+                continue
+            known = acked.get(row.pattern_id)
+            if known is not None and row.changed_version <= acked_version:
+                continue
+            if known is None or row.embedding_version > acked_version:
+                # New, or its embedding moved: the full pattern, which the server upserts. The
+                # server may not hold it at all (it drops patterns below its quality
+                # threshold), so an update of the embedding alone could be lost.
+                delta.added.append(
+                    patterns_pb2.ViewingPattern(
+                        pattern_id=row.pattern_id,
+                        embedding=encode_embedding(st.embedding),
+                        success_rate=st.success_rate,
+                        sample_count=min(st.sample_count, _UINT32_MAX),
+                        context=ContextBucket.from_index(bucket).to_proto(),
+                        created_at_ms=row.created_at_ms,
+                        updated_at_ms=row.updated_at_ms,
+                    )
+                )
+            else:
+                delta.updated.append(
+                    patterns_pb2.PatternUpdate(
+                        pattern_id=row.pattern_id,
+                        success_rate=st.success_rate,
+                        additional_samples=min(max(st.sample_count - known, 0), _UINT32_MAX),
+                        updated_at_ms=row.updated_at_ms,
+                    )
+                )
+            sent_patterns.append((row.pattern_id, st.sample_count))
+        views = {c: min(v, _UINT32_MAX) for c, v in sorted(self._store.pending_views().items())}
+        for content_id, count in views.items():
+            delta.content_views.add(content_id=content_id, views=count)
+        payload = encode_payload(delta, compress=delta.ByteSize() >= _COMPRESS_MIN_BYTES)
+        request = sync_pb2.SyncPatternsRequest(
+            device_id=self._device_id,
+            local_version=local_version,
+            since_global_version=self._state["global_version"],
+            delta=payload,
+        )
+        return request, _Sent(local_version, sent_patterns, views)
+
+    def _apply_response(
+        self, sent: _Sent, response: sync_pb2.SyncPatternsResponse
+    ) -> tuple[int, str | None]:
+        """Apply an acknowledged reply in one transaction; returns (patterns stored, error)."""
+        errors: list[str] = []
+        rows: list[GlobalPatternRow] = []
+        trending: list[tuple[str, float]] = []
+        payload_round = 0
+        payload_ok = True
+        if response.HasField("global_patterns") and response.global_patterns.ByteSize() > 0:
+            try:
+                decoded = decode_payload(
+                    response.global_patterns,
+                    patterns_pb2.GlobalPatterns,
+                    max_raw_bytes=self._config.max_global_payload_bytes,
+                )
+                rows, trending = _global_rows(decoded)
+                payload_round = int(decoded.global_version)
+            except PayloadError as exc:
+                payload_ok = False
+                errors.append(f"global patterns refused: {exc}")
+        ack = int(response.acknowledged_version)
+        updates: dict[str, int] = {}
+        with self._store.transaction():
+            if ack >= sent.local_version:
+                self._store.mark_acked(sent.patterns, sent.local_version)
+                self._store.subtract_views(sent.views)
+                updates["acked_version"] = sent.local_version
+                if ack > self._state["local_version"]:
+                    updates["local_version"] = ack
+            else:
+                errors.append(
+                    f"server acknowledged version {ack}, below the sent {sent.local_version};"
+                    " the delta will be sent again"
+                )
+                if ack < self._state["acked_version"]:
+                    self._store.clear_acked()
+                    updates["acked_version"] = 0
+            if payload_ok:
+                if rows:
+                    self._store.replace_global_patterns(rows)
+                if trending:
+                    self._store.replace_trending(trending)
+                new_global = max(int(response.global_version), payload_round)
+                if new_global > self._state["global_version"]:
+                    updates["global_version"] = new_global
+            counter = "syncs_failed" if errors else "syncs_ok"
+            updates[counter] = self._state[counter] + 1
+            self._store.set_state(updates)
+        self._state.update(updates)
+        if rows or trending:
+            self._reload_global()
+        return len(rows), "; ".join(errors) if errors else None
+
+    def _sync_failed(
+        self,
+        request: sync_pb2.SyncPatternsRequest,
+        outcome: RetryOutcome,
+        patterns_sent: int,
+        error: str,
+        bytes_down: int,
+        redirect: str | None,
+    ) -> SyncResult:
+        with self._lock:
+            if not self._closed:
+                failed = self._state["syncs_failed"] + 1
+                self._store.set_state({"syncs_failed": failed})
+                self._state["syncs_failed"] = failed
+            return SyncResult(
+                ok=False,
+                attempts=outcome.attempts,
+                bytes_up=request.ByteSize(),
+                bytes_down=bytes_down,
+                latency_seconds=outcome.last_latency_seconds,
+                acknowledged_version=self._state["acked_version"],
+                global_version=self._state["global_version"],
+                patterns_sent=patterns_sent,
+                global_patterns_received=0,
+                error=error,
+                redirect_shard_id=redirect,
+            )
+
+    # ------------------------------------------------------------------ stats & lifecycle
+
+    def stats(self) -> BrainStats:
+        """Counters, versions, recommend latency and store size.
+
+        Raises:
+            BrainError: the brain is closed.
+            StoreError: the store could not be read.
+        """
+        with self._lock:
+            self._check_open()
+            lat = np.array(self._latencies, dtype=np.float64) * 1000.0
+            p50, p99 = (
+                (float(np.percentile(lat, 50)), float(np.percentile(lat, 99)))
+                if lat.size
+                else (0.0, 0.0)
+            )
+            return BrainStats(
+                device_id=self._device_id,
+                events_observed=self._store.event_count(),
+                pattern_count=sum(
+                    1 for r in self._patterns.values() if r.state.embedding is not None
+                ),
+                global_pattern_count=self._global_count,
+                trending_count=len(self._trending),
+                catalog_size=len(self._catalog) if self._catalog is not None else 0,
+                watched_count=len(self._watched),
+                pending_view_count=len(self._store.pending_views()),
+                local_version=self._state["local_version"],
+                acked_version=self._state["acked_version"],
+                global_version=self._state["global_version"],
+                catalog_version=self._state["catalog_version"],
+                recommendations_served=self._recommend_calls,
+                syncs_ok=self._state["syncs_ok"],
+                syncs_failed=self._state["syncs_failed"],
+                recommend_p50_ms=p50,
+                recommend_p99_ms=p99,
+                store_bytes=self._store.size_bytes(),
+            )
+
+    def close(self) -> None:
+        """Close the store (idempotent). The transport and a shared catalog stay open."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._store.close()
+
+    def __enter__(self) -> Brain:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BrainError("the brain is closed")
+
+    def _require_transport(self) -> SyncTransport:
+        if self._transport is None:
+            raise BrainError("no transport configured: pass transport= to Brain")
+        return self._transport
+
+    def _now_ms(self) -> int:
+        now = float(self._clock())
+        return max(int(now * 1000), 0) if math.isfinite(now) else 0
+
+    def _build_index(
+        self,
+        ids: Sequence[str],
+        embeddings: npt.ArrayLike,
+        titles: Sequence[str],
+        genres: Sequence[Sequence[str]],
+    ) -> CatalogIndex:
+        cfg = self._config
+        return CatalogIndex(
+            ids,
+            embeddings,
+            titles=titles,
+            genres=genres,
+            hnsw_m=cfg.hnsw_m,
+            ef_search=cfg.ef_search,
+            ef_construction=cfg.hnsw_ef_construction,
+            exact_max_items=cfg.exact_search_max_items,
+        )
+
+    def _set_catalog(self, index: CatalogIndex) -> None:
+        self._catalog = index
+        self._owns_catalog = True
+        self._trend_cache = None
+
+    def _reload_global(self) -> None:
+        """Rebuild the in-memory global-pattern and trending caches from the store."""
+        rows = self._store.global_patterns()
+        by_bucket: dict[int, list[GlobalPatternRow]] = {}
+        for row in rows:
+            by_bucket.setdefault(row.bucket, []).append(row)
+        anywhere = by_bucket.get(-1, [])
+        self._global_by_bucket = {}
+        for bucket, bucket_rows in by_bucket.items():
+            if bucket >= 0:
+                self._global_by_bucket[bucket] = _global_set(bucket_rows + anywhere)
+        self._global_any = _global_set(rows) if rows else None
+        self._global_count = len(rows)
+        self._trending = self._store.trending()
+        self._trend_cache = None
+
+    def _trends(self) -> _Trends:
+        if self._trend_cache is None:
+            catalog = self._catalog
+            items = [
+                (catalog.position_of(c), s)
+                for c, s in self._trending
+                if catalog is not None and c in catalog and s > 0
+            ]
+            peak = max((s for _, s in items), default=1.0)
+            positions = np.array([p for p, _ in items], dtype=np.int64)
+            scores = np.array([s / peak for _, s in items], dtype=np.float32)
+            self._trend_cache = _Trends(
+                positions,
+                scores,
+                {int(p): float(s) for p, s in zip(positions, scores, strict=True)},
+            )
+        return self._trend_cache
+
+
+def _validate_event(event: object) -> tuple[str, int, float, float]:
+    if not isinstance(event, ViewingEvent):
+        raise InvalidEventError(f"expected a ViewingEvent, got {type(event).__name__}")
+    cid = event.content_id
+    if not isinstance(cid, str) or not cid:
+        raise InvalidEventError("content_id must be a non-empty string")
+    ts = event.started_at_ms
+    if isinstance(ts, bool) or not isinstance(ts, int | np.integer) or ts < 0:
+        raise InvalidEventError(f"started_at_ms must be an int >= 0, got {ts!r}")
+    if int(ts) > 2**53:
+        raise InvalidEventError(f"started_at_ms {ts} is out of range")
+    completion = _finite(event.completion, "completion")
+    if not 0.0 <= completion <= 1.0:
+        raise InvalidEventError(f"completion must be in [0, 1], got {completion}")
+    watch = _finite(event.watch_seconds, "watch_seconds")
+    if watch < 0:
+        raise InvalidEventError(f"watch_seconds must be >= 0, got {watch}")
+    return cid, int(ts), completion, watch
+
+
+def _finite(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise InvalidEventError(f"{name} must be a number, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise InvalidEventError(f"{name} must be finite, got {value!r}")
+    return number
+
+
+def _global_rows(
+    message: patterns_pb2.GlobalPatterns,
+) -> tuple[list[GlobalPatternRow], list[tuple[str, float]]]:
+    """Valid global patterns and trending items of a reply; malformed entries are skipped."""
+    rows: dict[str, GlobalPatternRow] = {}
+    for p in message.patterns:
+        if not p.pattern_key:
+            continue
+        try:
+            vector = normalize(decode_embedding(p.embedding))
+        except EmbeddingError:
+            continue
+        quality, rate = float(p.quality), float(p.success_rate)
+        if not np.any(vector) or not math.isfinite(quality) or not math.isfinite(rate):
+            continue
+        try:
+            bucket = bucket_from_context(p.context).index
+        except ValueError:
+            bucket = -1  # no usable context: the pattern applies to every bucket
+        rows[p.pattern_key] = GlobalPatternRow(
+            pattern_key=p.pattern_key,
+            bucket=bucket,
+            embedding=vector,
+            quality=max(quality, 0.0),
+            success_rate=min(max(rate, 0.0), 1.0),
+            source_count=int(p.source_count),
+            round=int(p.round) or int(message.global_version),
+        )
+    trending: dict[str, float] = {}
+    for t in message.trending:
+        score = float(t.score)
+        if t.content_id and math.isfinite(score):
+            trending[t.content_id] = max(score, trending.get(t.content_id, -math.inf))
+    return list(rows.values()), sorted(trending.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+def _global_set(rows: Sequence[GlobalPatternRow]) -> GlobalSet:
+    return GlobalSet.build(
+        np.stack([r.embedding for r in rows]),
+        np.array([r.quality for r in rows], dtype=np.float32),
+        np.array([r.success_rate for r in rows], dtype=np.float32),
+    )
+
+
+def _merge_catalog(
+    stored: StoredCatalog, fetched: FetchedCatalog
+) -> tuple[list[str], npt.NDArray[np.float32], list[str], list[list[str]]]:
+    """Stored catalog with fetched items replacing or appended (server order for new ones)."""
+    ids = list(stored.content_ids)
+    titles = list(stored.titles)
+    genres = [list(g) for g in stored.genres]
+    rows = list(stored.embeddings)
+    position = {c: i for i, c in enumerate(ids)}
+    for cid, emb, title, gs in zip(
+        fetched.content_ids, fetched.embeddings, fetched.titles, fetched.genres, strict=True
+    ):
+        i = position.get(cid)
+        if i is None:
+            position[cid] = len(ids)
+            ids.append(cid)
+            titles.append(title)
+            genres.append(list(gs))
+            rows.append(emb)
+        else:
+            titles[i], genres[i], rows[i] = title, list(gs), emb
+    return ids, np.stack(rows).astype(np.float32), titles, genres

@@ -1,0 +1,120 @@
+"""Configuration of one TV brain."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["BrainConfig"]
+
+_MAX_UTC_OFFSET_MINUTES = 14 * 60
+
+
+@dataclass(frozen=True)
+class BrainConfig:
+    """Settings of a `Brain`; every field has a default that works on a TV.
+
+    Raises:
+        ValueError: from ``__post_init__`` when a field is out of range (the message names it).
+    """
+
+    store_path: str | Path = ":memory:"
+    """SQLite file of the local store; ``":memory:"`` keeps everything in RAM (tests, simulator)."""
+
+    success_completion: float = 0.8
+    """A viewing with completion >= this counts as a success."""
+    failure_completion: float = 0.2
+    """A viewing with completion < this counts as a failure."""
+    min_step: float = 0.02
+    """Lower bound of the running-mean step on success, so old patterns keep adapting."""
+    failure_step: float = 0.05
+    """How far a pattern moves away from content the viewer abandoned, in (0, 0.5]."""
+
+    hnsw_m: int = 32
+    """HNSW graph degree of the catalog index (large catalogs only)."""
+    hnsw_ef_construction: int = 40
+    """HNSW build-time beam width."""
+    ef_search: int = 128
+    """HNSW search beam width; faiss uses max(ef_search, k)."""
+    exact_search_max_items: int = 5000
+    """Catalogs up to this size use an exact flat inner-product index (see `CatalogIndex`)."""
+
+    candidate_multiplier: int = 5
+    """recommend() asks the index for k * this many candidates (plus the watched count)."""
+    local_weight: float = 1.0
+    """Weight of the device's own pattern in the query (scaled by its success rate)."""
+    global_weight: float = 0.5
+    """Weight of the matching global patterns in the query (scaled by their success rate)."""
+    global_top_n: int = 3
+    """At most this many global patterns are blended into one query."""
+    trend_weight: float = 0.2
+    """Added to an item's score times its trending score normalized to [0, 1]."""
+    mmr_lambda: float = 0.7
+    """MMR trade-off: 1.0 ranks by relevance only, lower values favour diversity."""
+
+    max_attempts: int = 4
+    """sync(): attempts per call, including the first."""
+    base_backoff_seconds: float = 0.05
+    """sync(): backoff cap of the first retry; doubles per retry (full jitter below the cap)."""
+    max_backoff_seconds: float = 2.0
+    """sync(): upper bound of any single backoff."""
+    timeout_seconds: float = 5.0
+    """Deadline of one RPC attempt."""
+    max_global_payload_bytes: int = 4 << 20
+    """Refuse global-pattern payloads that decompress to more than this (zstd bombs)."""
+    catalog_page_size: int = 500
+    """Items per FetchEmbeddings page."""
+
+    utc_offset_minutes: int = 0
+    """The device's offset from UTC, for the morning/afternoon/evening/night buckets."""
+
+    def __post_init__(self) -> None:
+        path = self.store_path
+        if not isinstance(path, str | Path) or str(path) == "":
+            raise ValueError("store_path must be a non-empty str or Path (or ':memory:')")
+        _check_range("success_completion", self.success_completion, 0.0, 1.0)
+        _check_range("failure_completion", self.failure_completion, 0.0, 1.0)
+        if self.failure_completion > self.success_completion:
+            raise ValueError("failure_completion must be <= success_completion")
+        _check_range("min_step", self.min_step, 0.0, 1.0)
+        _check_range("failure_step", self.failure_step, 0.0, 0.5, low_open=True)
+        _check_int("hnsw_m", self.hnsw_m, 2, 256)
+        _check_int("hnsw_ef_construction", self.hnsw_ef_construction, 1, 4096)
+        _check_int("ef_search", self.ef_search, 1, 65536)
+        _check_int("exact_search_max_items", self.exact_search_max_items, 0, 10_000_000)
+        _check_int("candidate_multiplier", self.candidate_multiplier, 1, 1000)
+        _check_range("local_weight", self.local_weight, 0.0, 1e6)
+        _check_range("global_weight", self.global_weight, 0.0, 1e6)
+        if self.local_weight == 0.0 and self.global_weight == 0.0:
+            raise ValueError("local_weight and global_weight cannot both be 0")
+        _check_int("global_top_n", self.global_top_n, 1, 1000)
+        _check_range("trend_weight", self.trend_weight, 0.0, 1e6)
+        _check_range("mmr_lambda", self.mmr_lambda, 0.0, 1.0)
+        _check_int("max_attempts", self.max_attempts, 1, 100)
+        _check_range("base_backoff_seconds", self.base_backoff_seconds, 0.0, 3600.0)
+        _check_range("max_backoff_seconds", self.max_backoff_seconds, 0.0, 3600.0)
+        _check_range("timeout_seconds", self.timeout_seconds, 0.0, 3600.0, low_open=True)
+        _check_int("max_global_payload_bytes", self.max_global_payload_bytes, 1, 1 << 31)
+        _check_int("catalog_page_size", self.catalog_page_size, 1, 100_000)
+        _check_int(
+            "utc_offset_minutes",
+            self.utc_offset_minutes,
+            -_MAX_UTC_OFFSET_MINUTES,
+            _MAX_UTC_OFFSET_MINUTES,
+        )
+
+
+def _check_range(name: str, value: object, low: float, high: float, low_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if value > high or value < low or (low_open and value == low):
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {value!r}")
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")

@@ -1,0 +1,333 @@
+"""How the brain talks to its constellation shard: a small synchronous transport interface.
+
+`SyncTransport` is the two calls the brain needs; `GrpcTransport` implements it over a
+synchronous gRPC channel. Tests and the simulator may pass any object with the same two
+methods. `call_with_retries` adds exponential backoff with full jitter (Brooker, "Exponential
+Backoff And Jitter", AWS Architecture Blog, 2015): before retry n the caller sleeps a uniform
+random time in ``[0, min(max_backoff, base * 2 ** (n - 1))]``, which spreads a fleet of TVs
+that failed together instead of making them retry in lock-step.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+from omega.v1 import patterns_pb2, sync_pb2, sync_pb2_grpc
+from omega_protocol import EMBEDDING_DIM, EmbeddingError, decode_embedding
+
+from omega_brain.errors import CatalogError, SyncError
+
+__all__ = [
+    "FetchedCatalog",
+    "GrpcTransport",
+    "SyncTransport",
+    "backoff_seconds",
+    "call_with_retries",
+    "fetch_catalog",
+]
+
+_MAX_RECEIVE_BYTES = 16 << 20
+_MAX_CATALOG_PAGES = 100_000
+_CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_receive_message_length", _MAX_RECEIVE_BYTES),
+    ("grpc.max_send_message_length", 4 << 20),
+    # Ping only while a call is in flight, every 2 min: servers refuse more frequent pings
+    # (GOAWAY "too_many_pings") and TVs sync every few minutes anyway.
+    ("grpc.keepalive_time_ms", 120_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 0),
+]
+
+T = TypeVar("T")
+
+
+class SyncTransport(Protocol):
+    """The calls the brain makes to a constellation shard.
+
+    Implementations raise `SyncError` (with ``retryable`` set) for failures; any other
+    exception is treated as a non-retryable failure by the brain.
+    """
+
+    def sync_patterns(
+        self, request: sync_pb2.SyncPatternsRequest, timeout: float
+    ) -> sync_pb2.SyncPatternsResponse:
+        """Push a pattern delta, pull global patterns; ``timeout`` in seconds."""
+        ...
+
+    def fetch_embeddings(
+        self, request: sync_pb2.FetchEmbeddingsRequest, timeout: float
+    ) -> sync_pb2.FetchEmbeddingsResponse:
+        """One page of catalog embeddings; ``timeout`` in seconds."""
+        ...
+
+
+class GrpcTransport:
+    """`SyncTransport` over a synchronous gRPC channel (plaintext).
+
+    Args:
+        target: the shard's address, e.g. ``"127.0.0.1:50051"`` or ``"dns:///shard-0:50051"``.
+
+    The channel accepts replies up to 16 MiB and sends keepalive pings during calls. Use
+    `from_channel` to share one channel between many brains (the simulator).
+    """
+
+    def __init__(self, target: str) -> None:
+        if not isinstance(target, str) or not target:
+            raise SyncError("gRPC target must be a non-empty string")
+        self._target = target
+        self._channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self._owns_channel = True
+        self._stub = sync_pb2_grpc.ConstellationSyncStub(self._channel)
+
+    @classmethod
+    def from_channel(cls, channel: grpc.Channel) -> GrpcTransport:
+        """A transport over an existing channel, which `close` leaves open."""
+        self = cls.__new__(cls)
+        self._target = "<shared channel>"
+        self._channel = channel
+        self._owns_channel = False
+        self._stub = sync_pb2_grpc.ConstellationSyncStub(channel)
+        return self
+
+    @property
+    def target(self) -> str:
+        """The address given at construction."""
+        return self._target
+
+    def sync_patterns(
+        self, request: sync_pb2.SyncPatternsRequest, timeout: float
+    ) -> sync_pb2.SyncPatternsResponse:
+        """Call ``ConstellationSync.SyncPatterns``.
+
+        Raises:
+            SyncError: the call failed; ``retryable`` for UNAVAILABLE, DEADLINE_EXCEEDED,
+                RESOURCE_EXHAUSTED and ABORTED.
+        """
+        response = self._call("SyncPatterns", self._stub.SyncPatterns, request, timeout)
+        if not isinstance(response, sync_pb2.SyncPatternsResponse):
+            raise SyncError(f"SyncPatterns returned {type(response).__name__}")
+        return response
+
+    def fetch_embeddings(
+        self, request: sync_pb2.FetchEmbeddingsRequest, timeout: float
+    ) -> sync_pb2.FetchEmbeddingsResponse:
+        """Call ``ConstellationSync.FetchEmbeddings``.
+
+        Raises:
+            SyncError: as for `sync_patterns`.
+        """
+        response = self._call("FetchEmbeddings", self._stub.FetchEmbeddings, request, timeout)
+        if not isinstance(response, sync_pb2.FetchEmbeddingsResponse):
+            raise SyncError(f"FetchEmbeddings returned {type(response).__name__}")
+        return response
+
+    def _call(
+        self, rpc: str, method: Callable[..., object], request: object, timeout: float
+    ) -> object:
+        try:
+            return method(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise SyncError.from_rpc_error(rpc, exc) from exc
+        except ValueError as exc:  # e.g. "Cannot invoke RPC on closed channel!"
+            raise SyncError(f"{rpc} failed: {exc}") from exc
+
+    def close(self) -> None:
+        """Close the channel if this transport created it (idempotent)."""
+        if self._owns_channel:
+            self._channel.close()
+
+    def __enter__(self) -> GrpcTransport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def backoff_seconds(
+    retry: int, base_seconds: float, max_seconds: float, rng: random.Random
+) -> float:
+    """Full-jitter backoff before retry number ``retry`` (1 for the first retry).
+
+    Returns:
+        A uniform random delay in ``[0, min(max_seconds, base_seconds * 2 ** (retry - 1))]``,
+        in seconds.
+    """
+    cap = min(max_seconds, base_seconds * 2.0 ** min(retry - 1, 62))
+    return rng.uniform(0.0, cap) if cap > 0 else 0.0
+
+
+@dataclass
+class RetryOutcome:
+    """What `call_with_retries` did: attempts made and the last attempt's duration."""
+
+    attempts: int = 0
+    last_latency_seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+
+def call_with_retries(
+    call: Callable[[], T],
+    *,
+    max_attempts: int,
+    base_backoff_seconds: float,
+    max_backoff_seconds: float,
+    rng: random.Random,
+    outcome: RetryOutcome,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """Run ``call`` until it succeeds, retrying only retryable `SyncError`s.
+
+    Args:
+        call: the attempt; raises `SyncError` on failure.
+        max_attempts: attempts including the first, >= 1.
+        base_backoff_seconds: backoff cap before the first retry, doubled per retry.
+        max_backoff_seconds: upper bound of one backoff.
+        rng: source of jitter.
+        outcome: filled in with attempts made and the last attempt's latency.
+        sleep: how to wait (seconds).
+
+    Returns:
+        The first successful result.
+
+    Raises:
+        SyncError: the last error, when an attempt failed non-retryably or every attempt
+            failed. Any other exception from ``call`` is wrapped as a non-retryable SyncError.
+    """
+    while True:
+        outcome.attempts += 1
+        start = time.perf_counter()
+        try:
+            result = call()
+        except SyncError as exc:
+            error = exc
+        except Exception as exc:  # a third-party transport: never retried, never leaked raw
+            error = SyncError(f"transport failed: {type(exc).__name__}: {exc}")
+            error.__cause__ = exc
+        else:
+            outcome.last_latency_seconds = time.perf_counter() - start
+            return result
+        outcome.last_latency_seconds = time.perf_counter() - start
+        outcome.errors.append(str(error))
+        if not error.retryable or outcome.attempts >= max_attempts:
+            raise error
+        sleep(backoff_seconds(outcome.attempts, base_backoff_seconds, max_backoff_seconds, rng))
+
+
+@dataclass(frozen=True)
+class FetchedCatalog:
+    """A catalog downloaded with `fetch_catalog`, ready for `CatalogIndex(...)`.
+
+    Attributes:
+        content_ids: n ids in server order.
+        embeddings: (n, 384) float32, L2-normalized.
+        titles: n titles.
+        genres: n genre lists.
+        catalog_version: the server's catalog version these items are current to.
+    """
+
+    content_ids: list[str]
+    embeddings: npt.NDArray[np.float32]
+    titles: list[str]
+    genres: list[list[str]]
+    catalog_version: int
+
+
+def fetch_catalog(
+    transport: SyncTransport,
+    *,
+    page_size: int = 500,
+    since_catalog_version: int = 0,
+    encoding: int = patterns_pb2.EMBEDDING_ENCODING_INT8,
+    timeout_seconds: float = 5.0,
+    max_attempts: int = 4,
+    base_backoff_seconds: float = 0.05,
+    max_backoff_seconds: float = 2.0,
+    rng: random.Random | None = None,
+) -> FetchedCatalog:
+    """Page through ``FetchEmbeddings`` and return every item changed since a version.
+
+    Each page is retried like a sync (retryable errors only, full-jitter backoff). An item
+    that appears twice keeps its last copy.
+
+    Args:
+        transport: where to fetch from.
+        page_size: items per page requested (the server may cap it).
+        since_catalog_version: 0 for the whole catalog.
+        encoding: embedding encoding to request (INT8 by default: a quarter of float32's
+            bytes, cosine > 0.999 after decoding).
+        timeout_seconds: deadline of one page request.
+        max_attempts: attempts per page.
+        base_backoff_seconds: see `call_with_retries`.
+        max_backoff_seconds: see `call_with_retries`.
+        rng: jitter source (a fresh `random.Random` by default).
+
+    Returns:
+        The items, with embeddings decoded and normalized.
+
+    Raises:
+        SyncError: a page could not be fetched, or the server's paging does not terminate.
+        CatalogError: an item has an empty id, or an embedding that does not decode to a
+            finite non-zero 384-dim vector.
+    """
+    rng = rng or random.Random()
+    positions: dict[str, int] = {}
+    ids: list[str] = []
+    titles: list[str] = []
+    genres: list[list[str]] = []
+    rows: list[npt.NDArray[np.float32]] = []
+    version = 0
+    token = ""
+    seen_tokens: set[str] = set()
+    for _ in range(_MAX_CATALOG_PAGES):
+        request = sync_pb2.FetchEmbeddingsRequest(
+            since_catalog_version=since_catalog_version,
+            encoding=encoding,  # type: ignore[arg-type]
+            page_size=page_size,
+            page_token=token,
+        )
+        response = call_with_retries(
+            lambda r=request: transport.fetch_embeddings(r, timeout_seconds),  # type: ignore[misc]
+            max_attempts=max_attempts,
+            base_backoff_seconds=base_backoff_seconds,
+            max_backoff_seconds=max_backoff_seconds,
+            rng=rng,
+            outcome=RetryOutcome(),
+        )
+        version = max(version, int(response.catalog_version))
+        for item in response.items:
+            if not item.content_id:
+                raise CatalogError("the server sent a catalog item without a content id")
+            try:
+                vector = decode_embedding(item.embedding, EMBEDDING_DIM)
+            except EmbeddingError as exc:
+                raise CatalogError(f"bad embedding for {item.content_id!r}: {exc}") from exc
+            norm = float(np.linalg.norm(vector))
+            if norm < 1e-6:
+                raise CatalogError(f"zero embedding for {item.content_id!r}")
+            entry = (item.title, list(item.genres), (vector / norm).astype(np.float32))
+            pos = positions.get(item.content_id)
+            if pos is None:
+                positions[item.content_id] = len(ids)
+                ids.append(item.content_id)
+                titles.append(entry[0])
+                genres.append(entry[1])
+                rows.append(entry[2])
+            else:
+                titles[pos], genres[pos], rows[pos] = entry
+        token = response.next_page_token
+        if not token:
+            break
+        if token in seen_tokens:
+            raise SyncError(f"FetchEmbeddings returned page token {token!r} twice")
+        seen_tokens.add(token)
+    else:
+        raise SyncError(f"FetchEmbeddings did not finish within {_MAX_CATALOG_PAGES} pages")
+    embeddings = np.stack(rows) if rows else np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
+    return FetchedCatalog(ids, embeddings, titles, genres, version)

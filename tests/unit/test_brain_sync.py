@@ -1,0 +1,526 @@
+"""sync(): delta building, acknowledgement bookkeeping, retries, global patterns; catalog fetch.
+
+The transport here is an in-process test double of the brain's own `SyncTransport` interface;
+tests against real gRPC servers live in tests/integration.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+import pytest
+import zstandard
+from omega.v1 import patterns_pb2, sync_pb2
+from omega_brain import (
+    Brain,
+    BrainConfig,
+    BrainError,
+    CatalogError,
+    CatalogIndex,
+    GrpcTransport,
+    SyncError,
+    ViewingEvent,
+    fetch_catalog,
+)
+from omega_brain.patterns import normalize
+from omega_brain.transport import backoff_seconds
+from omega_protocol import (
+    ContextBucket,
+    bucket_from_timestamp,
+    decode_embedding,
+    decode_payload,
+    encode_embedding,
+    encode_payload,
+)
+
+TS = 1_700_000_000_000  # Tuesday 22:13 UTC: night/weekday
+FAST = BrainConfig(base_backoff_seconds=0.0, max_backoff_seconds=0.0)
+
+
+def make_catalog(n: int = 64, seed: int = 0) -> tuple[list[str], npt.NDArray[np.float32]]:
+    rng = np.random.default_rng(seed)
+    return [f"item-{i}" for i in range(n)], normalize(rng.standard_normal((n, 384)))
+
+
+@pytest.fixture(scope="module")
+def catalog() -> CatalogIndex:
+    ids, x = make_catalog()
+    return CatalogIndex(ids, x)
+
+
+Step = Callable[[sync_pb2.SyncPatternsRequest], sync_pb2.SyncPatternsResponse]
+
+
+class FakeShard:
+    """A `SyncTransport` that records requests; behaviour per call can be scripted."""
+
+    def __init__(self, catalog_items: tuple[list[str], npt.NDArray[np.float32]] | None = None):
+        self.requests: list[sync_pb2.SyncPatternsRequest] = []
+        self.script: list[Exception | Step] = []
+        self.global_patterns: patterns_pb2.GlobalPatterns | None = None
+        self.items = catalog_items
+        self.catalog_version = 1
+        self.fetches: list[sync_pb2.FetchEmbeddingsRequest] = []
+
+    def deltas(self) -> list[patterns_pb2.PatternDelta]:
+        return [decode_payload(r.delta, patterns_pb2.PatternDelta) for r in self.requests]
+
+    def sync_patterns(
+        self, request: sync_pb2.SyncPatternsRequest, timeout: float
+    ) -> sync_pb2.SyncPatternsResponse:
+        assert timeout == FAST.timeout_seconds
+        copy = sync_pb2.SyncPatternsRequest()
+        copy.CopyFrom(request)
+        self.requests.append(copy)
+        if self.script:
+            step = self.script.pop(0)
+            if isinstance(step, Exception):
+                raise step
+            return step(request)
+        response = sync_pb2.SyncPatternsResponse(acknowledged_version=request.local_version)
+        if self.global_patterns is not None:
+            response.global_patterns.CopyFrom(encode_payload(self.global_patterns))
+            response.global_version = self.global_patterns.global_version
+        return response
+
+    def fetch_embeddings(
+        self, request: sync_pb2.FetchEmbeddingsRequest, timeout: float
+    ) -> sync_pb2.FetchEmbeddingsResponse:
+        self.fetches.append(request)
+        if self.script:
+            step = self.script.pop(0)
+            assert isinstance(step, Exception)
+            raise step
+        assert self.items is not None
+        ids, x = self.items
+        start = int(request.page_token or 0)
+        end = min(start + request.page_size, len(ids))
+        response = sync_pb2.FetchEmbeddingsResponse(catalog_version=self.catalog_version)
+        for i in range(start, end):
+            response.items.add(
+                content_id=ids[i],
+                title=f"Title {i}",
+                genres=["drama", "comedy"] if i % 2 else ["news"],
+                embedding=encode_embedding(x[i], request.encoding),
+                catalog_version=self.catalog_version,
+            )
+        response.next_page_token = str(end) if end < len(ids) else ""
+        return response
+
+
+def unavailable() -> SyncError:
+    return SyncError("down", code=grpc.StatusCode.UNAVAILABLE, retryable=True)
+
+
+def session(brain: Brain, items: list[int], completion: float = 0.95, ts: int = TS) -> None:
+    for i in items:
+        brain.observe(ViewingEvent(f"item-{i}", ts, completion, 1200.0))
+
+
+# ----------------------------------------------------------------------------- deltas
+
+
+def test_first_sync_sends_added_patterns_and_views(catalog: CatalogIndex) -> None:
+    shard = FakeShard()
+    with Brain("tv-1", FAST, transport=shard, catalog=catalog) as brain:
+        session(brain, [1, 2, 2])
+        result = brain.sync()
+        assert result.ok and result.error is None
+        assert (result.attempts, result.patterns_sent, result.acknowledged_version) == (1, 1, 3)
+        assert result.bytes_up == shard.requests[0].ByteSize()
+        assert 0 < result.bytes_up <= 1024  # one viewing session fits in 1 KB
+        assert result.bytes_down >= 0 and result.latency_seconds >= 0
+        request = shard.requests[0]
+        assert (request.device_id, request.local_version, request.since_global_version) == (
+            "tv-1",
+            3,
+            0,
+        )
+        delta = shard.deltas()[0]
+        assert (delta.local_version, delta.base_version) == (3, 0)
+        assert len(delta.added) == 1 and not delta.updated and not delta.removed
+        pattern = delta.added[0]
+        assert pattern.sample_count == 3
+        assert pattern.success_rate == pytest.approx(4 / 5)
+        assert pattern.embedding.encoding == patterns_pb2.EMBEDDING_ENCODING_INT8
+        local = brain._patterns[bucket_from_timestamp(TS).index].state.embedding
+        assert local is not None
+        assert float(decode_embedding(pattern.embedding) @ local) > 0.999
+        expected = bucket_from_timestamp(TS)
+        assert ContextBucket(pattern.context.time_slot, pattern.context.day_type) == expected
+        assert {(v.content_id, v.views) for v in delta.content_views} == {
+            ("item-1", 1),
+            ("item-2", 2),
+        }
+        assert brain.stats().pending_view_count == 0
+
+
+def test_nothing_is_resent_after_ack_then_updates_follow(catalog: CatalogIndex) -> None:
+    shard = FakeShard()
+    with Brain("tv-1", FAST, transport=shard, catalog=catalog) as brain:
+        session(brain, [1, 2])
+        assert brain.sync().ok
+        second = brain.sync()
+        assert second.ok and second.patterns_sent == 0
+        delta = shard.deltas()[1]
+        assert not delta.added and not delta.updated and not delta.content_views
+        assert (delta.local_version, delta.base_version) == (2, 2)
+
+        session(brain, [3], completion=0.5)  # neutral: samples change, embedding does not
+        assert brain.sync().ok
+        delta = shard.deltas()[2]
+        assert not delta.added and len(delta.updated) == 1
+        update = delta.updated[0]
+        assert update.pattern_id == shard.deltas()[0].added[0].pattern_id
+        assert update.additional_samples == 1
+        assert not update.HasField("embedding")
+        assert update.success_rate == pytest.approx(3 / 4)
+
+        session(brain, [4, 5])  # successes move the embedding
+        other_bucket = TS + 10 * 3600_000  # Wednesday 08:13 UTC: morning
+        session(brain, [6], ts=other_bucket)
+        result = brain.sync()
+        assert result.ok and result.patterns_sent == 2
+        delta = shard.deltas()[3]
+        assert (delta.local_version, delta.base_version) == (6, 3)
+        # The moved pattern is re-sent in full (the server upserts it), with its total count.
+        assert not delta.updated and len(delta.added) == 2
+        moved = next(p for p in delta.added if p.pattern_id == update.pattern_id)
+        assert moved.sample_count == 5 and moved.HasField("embedding")
+        new = next(p for p in delta.added if p.pattern_id != update.pattern_id)
+        assert new.context.time_slot == patterns_pb2.TIME_SLOT_MORNING
+
+
+def test_failures_only_bucket_is_not_sent_until_it_has_an_embedding(
+    catalog: CatalogIndex,
+) -> None:
+    shard = FakeShard()
+    with Brain("tv-1", FAST, transport=shard, catalog=catalog) as brain:
+        session(brain, [1, 2], completion=0.05)
+        result = brain.sync()
+        assert result.ok and result.patterns_sent == 0
+        assert len(shard.deltas()[0].content_views) == 2  # views still count for trends
+        session(brain, [3])
+        brain.sync()
+        added = shard.deltas()[1].added
+        assert len(added) == 1 and added[0].sample_count == 3
+        assert added[0].success_rate == pytest.approx(2 / 5)
+
+
+def test_retry_on_unavailable_then_success(catalog: CatalogIndex) -> None:
+    shard = FakeShard()
+    shard.script = [unavailable(), unavailable()]
+    with Brain("tv-1", FAST, transport=shard, catalog=catalog) as brain:
+        session(brain, [1])
+        result = brain.sync()
+        assert result.ok and result.attempts == 3
+        assert result.acknowledged_version == 1
+        # every attempt carried the same idempotency key
+        assert {(r.device_id, r.local_version) for r in shard.requests} == {("tv-1", 1)}
+        assert brain.stats().syncs_ok == 1
+
+
+def test_retries_stop_after_max_attempts(catalog: CatalogIndex) -> None:
+    shard = FakeShard()
+    shard.script = [unavailable() for _ in range(10)]
+    with Brain("tv-1", FAST, transport=shard, catalog=catalog) as brain:
+        session(brain, [1])
+        result = brain.sync()
+        assert not result.ok and result.attempts == FAST.max_attempts
+        assert result.error is not None and "UNAVAILABLE" in result.error
+        assert result.acknowledged_version == 0
+        assert brain.stats().syncs_failed == 1
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        SyncError("bad", code=grpc.StatusCode.INVALID_ARGUMENT),
+        RuntimeError("transport bug"),
+    ],
+)
+def test_non_retryable_error_keeps_the_delta(catalog: CatalogIndex, error: Exception) -> None:
+    shard = FakeShard()
+    shard.script = [error]
+    with Brain("tv-1", FAST, transport=shard, catalog=catalog) as brain:
+        session(brain, [1, 2])
+        failed = brain.sync()
+        assert not failed.ok and failed.attempts == 1 and failed.error
+        assert failed.patterns_sent == 1 and failed.bytes_down == 0
+        stats = brain.stats()
+        assert (stats.acked_version, stats.local_version, stats.pending_view_count) == (0, 2, 2)
+        retried = brain.sync()
+        assert retried.ok
+        first, second = shard.deltas()
+        assert first == second  # the very same delta went again
+        assert len(second.added) == 1
+
+
+def test_versions_advance_only_on_success_and_keep_concurrent_changes(
+    catalog: CatalogIndex,
+) -> None:
+    shard = FakeShard()
+    with Brain("tv-1", FAST, transport=shard, catalog=catalog) as brain:
+
+        def observe_during_sync(
+            request: sync_pb2.SyncPatternsRequest,
+        ) -> sync_pb2.SyncPatternsResponse:
+            session(brain, [9])  # arrives while the request is in flight
+            return sync_pb2.SyncPatternsResponse(acknowledged_version=request.local_version)
+
+        session(brain, [1])
+        shard.script = [observe_during_sync]
+        assert brain.sync().ok
+        stats = brain.stats()
+        assert (stats.acked_version, stats.local_version, stats.pending_view_count) == (1, 2, 1)
+        brain.sync()
+        delta = shard.deltas()[1]
+        assert delta.base_version == 1 and delta.local_version == 2
+        # The success moved the embedding: the pattern is re-sent in full with both samples.
+        assert len(delta.added) == 1 and delta.added[0].sample_count == 2
+        assert [(v.content_id, v.views) for v in delta.content_views] == [("item-9", 1)]
+
+
+def test_ack_below_sent_version_is_not_applied(catalog: CatalogIndex) -> None:
+    shard = FakeShard()
+    with Brain("tv-1", FAST, transport=shard, catalog=catalog) as brain:
+        session(brain, [1])
+        assert brain.sync().ok
+        session(brain, [2])
+        # The server lost this device's state: it acknowledges nothing.
+        shard.script = [lambda r: sync_pb2.SyncPatternsResponse(acknowledged_version=0)]
+        result = brain.sync()
+        assert not result.ok and result.error and "below the sent" in result.error
+        assert result.acknowledged_version == 0
+        assert brain.sync().ok
+        delta = shard.deltas()[-1]
+        assert len(delta.added) == 1 and delta.added[0].sample_count == 2  # re-sent in full
+
+
+def test_ack_above_local_version_moves_local_version_past_it(catalog: CatalogIndex) -> None:
+    shard = FakeShard()
+    with Brain("tv-1", FAST, transport=shard, catalog=catalog) as brain:
+        session(brain, [1])
+        shard.script = [lambda r: sync_pb2.SyncPatternsResponse(acknowledged_version=40)]
+        assert brain.sync().ok
+        session(brain, [2])
+        assert brain.stats().local_version == 41
+
+
+def test_redirect_is_reported_and_nothing_applied(catalog: CatalogIndex) -> None:
+    shard = FakeShard()
+    shard.script = [lambda r: sync_pb2.SyncPatternsResponse(redirect_shard_id="shard-7")]
+    with Brain("tv-1", FAST, transport=shard, catalog=catalog) as brain:
+        session(brain, [1])
+        result = brain.sync()
+        assert not result.ok and result.redirect_shard_id == "shard-7"
+        assert result.error and "shard-7" in result.error and result.attempts == 1
+        assert brain.stats().acked_version == 0
+
+
+def test_global_patterns_and_trends_are_applied(catalog: CatalogIndex) -> None:
+    shard = FakeShard()
+    _, x = make_catalog()
+    msg = patterns_pb2.GlobalPatterns(global_version=5)
+    evening = ContextBucket(patterns_pb2.TIME_SLOT_EVENING, patterns_pb2.DAY_TYPE_WEEKDAY)
+    msg.patterns.add(
+        pattern_key="k1", embedding=encode_embedding(x[3]), quality=2.0, context=evening.to_proto()
+    )
+    msg.patterns.add(pattern_key="k2", embedding=encode_embedding(x[4]), quality=1.0)  # no context
+    msg.patterns.add(pattern_key="bad-dim", embedding=encode_embedding(x[5][:100]), quality=1.0)
+    msg.patterns.add(pattern_key="", embedding=encode_embedding(x[5]), quality=1.0)
+    msg.patterns.add(pattern_key="nan", embedding=encode_embedding(x[5]), quality=float("nan"))
+    msg.trending.add(content_id="item-7", score=3.0)
+    shard.global_patterns = msg
+    with Brain("tv-1", FAST, transport=shard, catalog=catalog) as brain:
+        result = brain.sync()
+        assert result.ok and result.global_patterns_received == 2
+        assert result.global_version == 5
+        stats = brain.stats()
+        assert (stats.global_pattern_count, stats.trending_count, stats.global_version) == (2, 1, 5)
+        rows = {r.pattern_key: r for r in brain._store.global_patterns()}
+        assert rows["k1"].bucket == evening.index and rows["k1"].round == 5
+        assert rows["k2"].bucket == -1
+        # The next request says which round the brain already has.
+        shard.global_patterns = None
+        brain.sync()
+        assert shard.requests[-1].since_global_version == 5
+        assert brain.stats().global_pattern_count == 2  # an empty reply keeps them
+
+
+def test_bad_global_payload_is_refused_but_the_ack_counts(catalog: CatalogIndex) -> None:
+    bomb = zstandard.ZstdCompressor().compress(b"\0" * (8 << 20))
+    payload = sync_pb2.CompressedPayload(codec=sync_pb2.CODEC_ZSTD, raw_size=1000, data=bomb)
+    shard = FakeShard()
+    shard.script = [
+        lambda r: sync_pb2.SyncPatternsResponse(
+            acknowledged_version=r.local_version, global_patterns=payload, global_version=9
+        )
+    ]
+    with Brain("tv-1", FAST, transport=shard, catalog=catalog) as brain:
+        session(brain, [1])
+        result = brain.sync()
+        assert not result.ok and result.error and "refused" in result.error
+        assert result.acknowledged_version == 1  # the server did apply the delta
+        assert result.global_version == 0  # so the round is asked for again
+
+
+def test_sync_without_transport_raises(catalog: CatalogIndex) -> None:
+    with Brain("tv-1", catalog=catalog) as brain:
+        with pytest.raises(BrainError, match="transport"):
+            brain.sync()
+        with pytest.raises(BrainError, match="transport"):
+            brain.fetch_catalog()
+
+
+def test_sync_state_survives_reopen(tmp_path: Path, catalog: CatalogIndex) -> None:
+    shard = FakeShard()
+    cfg = BrainConfig(store_path=tmp_path / "tv.db", base_backoff_seconds=0.0)
+    with Brain("tv-1", cfg, transport=shard, catalog=catalog) as brain:
+        session(brain, [1, 2])
+        assert brain.sync().ok
+    with Brain("tv-1", cfg, transport=shard, catalog=catalog) as brain:
+        session(brain, [3])
+        assert brain.sync().ok
+        delta = shard.deltas()[-1]
+        assert not delta.updated and len(delta.added) == 1  # moved: re-sent in full
+        assert delta.base_version == 2
+        assert brain.stats().syncs_ok == 2
+
+
+def test_backoff_is_full_jitter_below_an_exponential_cap() -> None:
+    rng = random.Random(1)
+    for retry, cap in [(1, 0.05), (2, 0.1), (3, 0.2), (10, 2.0), (500, 2.0)]:
+        delays = [backoff_seconds(retry, 0.05, 2.0, rng) for _ in range(200)]
+        assert all(0.0 <= d <= cap for d in delays)
+        assert max(delays) > cap * 0.8 and min(delays) < cap * 0.2
+    assert backoff_seconds(3, 0.0, 2.0, rng) == 0.0
+
+
+def test_grpc_transport_wraps_connection_errors() -> None:
+    transport = GrpcTransport("127.0.0.1:1")  # nothing listens on port 1
+    try:
+        with pytest.raises(SyncError) as info:
+            transport.sync_patterns(sync_pb2.SyncPatternsRequest(device_id="x"), 2.0)
+        assert info.value.code is grpc.StatusCode.UNAVAILABLE and info.value.retryable
+    finally:
+        transport.close()
+    with pytest.raises(SyncError):
+        transport.fetch_embeddings(sync_pb2.FetchEmbeddingsRequest(), 1.0)  # closed channel
+
+
+# ------------------------------------------------------------------------------ catalog
+
+
+def test_fetch_catalog_pages_through_everything() -> None:
+    ids, x = make_catalog(23)
+    shard = FakeShard((ids, x))
+    fetched = fetch_catalog(shard, page_size=5)
+    assert len(shard.fetches) == 5 and fetched.content_ids == ids
+    assert fetched.catalog_version == 1
+    assert fetched.embeddings.shape == (23, 384) and fetched.embeddings.dtype == np.float32
+    assert np.all(np.sum(fetched.embeddings * x, axis=1) > 0.999)
+    assert fetched.titles[3] == "Title 3" and fetched.genres[3] == ["drama", "comedy"]
+    index = CatalogIndex(fetched.content_ids, fetched.embeddings, titles=fetched.titles)
+    assert index.search(x[4], 1)[0] == ["item-4"]
+
+
+def test_fetch_catalog_refuses_bad_items_and_loops() -> None:
+    class Bad(FakeShard):
+        token = ""
+        embedding = patterns_pb2.Embedding()
+
+        def fetch_embeddings(
+            self, request: sync_pb2.FetchEmbeddingsRequest, timeout: float
+        ) -> sync_pb2.FetchEmbeddingsResponse:
+            response = sync_pb2.FetchEmbeddingsResponse(next_page_token=self.token)
+            response.items.add(content_id="a", embedding=self.embedding)
+            return response
+
+    bad = Bad()
+    bad.token, bad.embedding = "", encode_embedding(np.zeros(10))
+    with pytest.raises(CatalogError):
+        fetch_catalog(bad)
+    bad.token, bad.embedding = "same", encode_embedding(np.ones(384))
+    with pytest.raises(SyncError, match="twice"):
+        fetch_catalog(bad)
+
+
+def test_brain_fetch_catalog_then_incremental_update(tmp_path: Path) -> None:
+    ids, x = make_catalog(30)
+    shard = FakeShard((ids, x))
+    cfg = BrainConfig(store_path=tmp_path / "tv.db", catalog_page_size=7, base_backoff_seconds=0)
+    with Brain("tv-1", cfg, transport=shard) as brain:
+        shard.script = [unavailable()]  # the first page is retried
+        assert brain.fetch_catalog() == 30
+        assert brain.stats().catalog_version == 1
+        assert brain.catalog is not None and brain.catalog.title_of("item-2") == "Title 2"
+        session(brain, [1])
+        # Version 2 changes one item and adds one.
+        new_ids = ["item-5", "item-new"]
+        new_x = normalize(np.random.default_rng(5).standard_normal((2, 384)))
+        shard.items, shard.catalog_version = (new_ids, new_x), 2
+        assert brain.fetch_catalog() == 31
+        assert shard.fetches[-1].since_catalog_version == 1
+        assert float(brain.catalog.embedding_of("item-5") @ new_x[0]) > 0.999
+        shard.items = ([], np.zeros((0, 384), np.float32))
+        assert brain.fetch_catalog() == 31  # nothing new: no rebuild
+    with Brain("tv-1", cfg) as again:
+        assert again.catalog is not None and len(again.catalog) == 31
+        assert again.stats().catalog_version == 2
+
+
+def test_failed_fetch_changes_nothing(tmp_path: Path) -> None:
+    ids, x = make_catalog(10)
+    shard = FakeShard((ids, x))
+    shard.script = [SyncError("no", code=grpc.StatusCode.PERMISSION_DENIED)]
+    with Brain("tv-1", FAST, transport=shard) as brain:
+        with pytest.raises(SyncError):
+            brain.fetch_catalog()
+        assert brain.catalog is None and brain.stats().catalog_version == 0
+
+
+def test_concurrent_observe_recommend_and_sync(catalog: CatalogIndex) -> None:
+    shard = FakeShard()
+    errors: list[BaseException] = []
+    with Brain("tv-1", FAST, transport=shard, catalog=catalog) as brain:
+
+        def run(work: Callable[[int], object]) -> None:
+            try:
+                for i in range(40):
+                    work(i)
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        workers = [
+            threading.Thread(target=run, args=(lambda i: session(brain, [i % 60]),)),
+            threading.Thread(target=run, args=(lambda i: session(brain, [(i * 7) % 60], 0.1),)),
+            threading.Thread(target=run, args=(lambda i: brain.recommend(5, timestamp_ms=TS),)),
+            threading.Thread(target=run, args=(lambda i: brain.sync(),)),
+        ]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+        assert not errors
+        assert brain.sync().ok
+        stats = brain.stats()
+        assert stats.local_version == 80 and stats.acked_version == 80
+        assert stats.pending_view_count == 0
+        # Replaying the deltas as the server does (added: upsert of the full count, updated:
+        # additional samples) counts every sample exactly once.
+        counts: dict[str, int] = {}
+        for delta in shard.deltas():
+            for p in delta.added:
+                counts[p.pattern_id] = p.sample_count
+            for u in delta.updated:
+                counts[u.pattern_id] += u.additional_samples
+        assert sum(counts.values()) == 80
+        views = sum(v.views for d in shard.deltas() for v in d.content_views)
+        assert views == 80
