@@ -19,20 +19,8 @@ from types import TracebackType
 
 import numpy as np
 import numpy.typing as npt
-from omega.v1 import patterns_pb2, sync_pb2
-from omega_protocol import (
-    EMBEDDING_DIM,
-    ContextBucket,
-    EmbeddingError,
-    PayloadError,
-    bucket_from_context,
-    bucket_from_timestamp,
-    decode_embedding,
-    decode_payload,
-    encode_embedding,
-    encode_payload,
-)
 
+from omega.v1 import patterns_pb2, sync_pb2
 from omega_brain.catalog import CatalogIndex
 from omega_brain.config import BrainConfig
 from omega_brain.errors import (
@@ -53,6 +41,18 @@ from omega_brain.transport import (
     SyncTransport,
     call_with_retries,
     fetch_catalog,
+)
+from omega_protocol import (
+    EMBEDDING_DIM,
+    ContextBucket,
+    EmbeddingError,
+    PayloadError,
+    bucket_from_context,
+    bucket_from_timestamp,
+    decode_embedding,
+    decode_payload,
+    encode_embedding,
+    encode_payload,
 )
 
 __all__ = ["Brain"]

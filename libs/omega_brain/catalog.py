@@ -28,10 +28,10 @@ from collections.abc import Sequence
 import faiss
 import numpy as np
 import numpy.typing as npt
-from omega_protocol import EMBEDDING_DIM
 
 from omega_brain.errors import CatalogError, InvalidArgumentError, UnknownContentError
 from omega_brain.patterns import normalize
+from omega_protocol import EMBEDDING_DIM
 
 __all__ = ["DEFAULT_EXACT_MAX_ITEMS", "CatalogIndex"]
 

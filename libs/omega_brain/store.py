@@ -46,10 +46,10 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-from omega_protocol import EMBEDDING_DIM
 
 from omega_brain.errors import StoreError
 from omega_brain.patterns import PatternState
+from omega_protocol import EMBEDDING_DIM
 
 __all__ = [
     "SCHEMA_VERSION",

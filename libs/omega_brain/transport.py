@@ -19,10 +19,10 @@ from typing import Any, Protocol, TypeVar
 import grpc
 import numpy as np
 import numpy.typing as npt
-from omega.v1 import patterns_pb2, sync_pb2, sync_pb2_grpc
-from omega_protocol import EMBEDDING_DIM, EmbeddingError, decode_embedding
 
+from omega.v1 import patterns_pb2, sync_pb2, sync_pb2_grpc
 from omega_brain.errors import CatalogError, SyncError
+from omega_protocol import EMBEDDING_DIM, EmbeddingError, decode_embedding
 
 __all__ = [
     "FetchedCatalog",

@@ -13,7 +13,6 @@ from omega.v1 import (
     sync_pb2,
     sync_pb2_grpc,
 )
-
 from omega_protocol.codec import (
     DEFAULT_LEVEL,
     DEFAULT_MAX_RAW_BYTES,

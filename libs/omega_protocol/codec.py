@@ -13,6 +13,7 @@ from typing import TypeVar
 
 import zstandard
 from google.protobuf.message import DecodeError, Message
+
 from omega.v1 import sync_pb2
 
 __all__ = [

@@ -28,7 +28,10 @@ _SLOT_NAMES: dict[int, str] = {
     patterns_pb2.TIME_SLOT_EVENING: "evening",
     patterns_pb2.TIME_SLOT_NIGHT: "night",
 }
-_DAY_NAMES: dict[int, str] = {patterns_pb2.DAY_TYPE_WEEKDAY: "weekday", patterns_pb2.DAY_TYPE_WEEKEND: "weekend"}
+_DAY_NAMES: dict[int, str] = {
+    patterns_pb2.DAY_TYPE_WEEKDAY: "weekday",
+    patterns_pb2.DAY_TYPE_WEEKEND: "weekend",
+}
 
 
 @dataclass(frozen=True, slots=True, order=True)

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
 from omega.v1 import patterns_pb2
 
 __all__ = [

@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+
 from omega.v1 import sync_pb2_grpc
 from omega_constellation.server import RunningServer, start_server
 from omega_constellation.settings import ConstellationSettings

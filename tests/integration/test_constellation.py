@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import zstandard
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from omega.v1 import patterns_pb2, sync_pb2, sync_pb2_grpc
 from omega_constellation.server import RunningServer
 from omega_protocol import encode_embedding, encode_payload, shard_for

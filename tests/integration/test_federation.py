@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 import numpy as np
 import pytest
+
 from omega.v1 import federation_pb2, federation_pb2_grpc, patterns_pb2, sync_pb2, sync_pb2_grpc
 from omega_federation.settings import FederationSettings
 from omega_federation.state import WorkerState

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import pytest
+
 from omega_data import (
     EMBEDDING_DIM,
     DataUnavailableError,

@@ -14,6 +14,7 @@ import numpy.typing as npt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from omega_federation.aggregation import (
     AggregationResult,
     Contributions,

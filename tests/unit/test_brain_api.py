@@ -10,8 +10,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import numpy.typing as npt
-import omega_brain
 import pytest
+
+import omega_brain
 from omega.v1 import patterns_pb2, sync_pb2
 from omega_brain import BrainConfig, CatalogIndex, JsonBrain, SyncError
 from omega_brain.errors import BrainError, InvalidArgumentError, InvalidEventError

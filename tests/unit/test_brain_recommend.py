@@ -7,6 +7,7 @@ import threading
 import numpy as np
 import numpy.typing as npt
 import pytest
+
 from omega.v1 import patterns_pb2, sync_pb2
 from omega_brain import (
     Brain,

@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import zstandard
+
 from omega.v1 import patterns_pb2, sync_pb2
 from omega_brain import (
     Brain,

@@ -8,6 +8,7 @@ import pytest
 import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from omega.v1 import patterns_pb2, sync_pb2
 from omega_protocol import PayloadError, decode_payload, encode_payload
 

@@ -6,6 +6,7 @@ from collections import Counter
 from datetime import UTC, datetime
 
 import pytest
+
 from omega.v1 import patterns_pb2
 from omega_protocol import BUCKET_COUNT, ContextBucket, bucket_from_timestamp, shard_for
 

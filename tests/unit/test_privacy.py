@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+
 from omega_federation.privacy import (
     SELECTION_DELTA_FRACTION,
     PrivacyAccountant,

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+
 from omega.v1 import patterns_pb2
 from omega_protocol import (
     EmbeddingError,

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+
 from omega_federation.trends import trend_scores
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import numpy.typing as npt
+
 from omega_common.errors import InvalidArgumentError
 from omega_constellation.store import CatalogRow
 from omega_protocol import EMBEDDING_DIM, dequantize_int8, quantize_int8

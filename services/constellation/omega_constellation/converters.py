@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
 from omega.v1 import federation_pb2, patterns_pb2, sync_pb2
 from omega_common.errors import InvalidArgumentError
 from omega_protocol import (

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from omega_common.grpc_server import RpcMetrics
 from prometheus_client import Counter, Gauge, Histogram
+
+from omega_common.grpc_server import RpcMetrics
 
 __all__ = [
     "DEVICE_RECOMMEND_P99",

@@ -6,8 +6,10 @@ import asyncio
 from dataclasses import dataclass
 
 import grpc
-from grpc_health.v1 import health
 import structlog
+from grpc_health.v1 import health
+from prometheus_client import start_http_server
+
 from omega.v1 import federation_pb2, sync_pb2
 from omega_common.db import embedded_postgres_dsn, with_database
 from omega_common.grpc_server import (
@@ -22,7 +24,6 @@ from omega_constellation.service import ConstellationService
 from omega_constellation.servicers import ConstellationSyncServicer, FederationServicer
 from omega_constellation.settings import ConstellationSettings
 from omega_constellation.store import ShardStore
-from prometheus_client import start_http_server
 
 __all__ = ["RunningServer", "main_async", "resolve_database_url", "start_server"]
 

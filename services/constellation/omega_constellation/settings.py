@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omega_common.settings import ServiceSettings
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
+
+from omega_common.settings import ServiceSettings
 
 __all__ = ["ConstellationSettings"]
 

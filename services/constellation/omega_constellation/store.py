@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+
 from omega_common.db import apply_migrations, load_migrations
 from omega_constellation.converters import (
     GlobalPatternRow,

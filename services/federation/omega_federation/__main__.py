@@ -9,10 +9,10 @@ import signal
 from dataclasses import asdict
 
 import grpc
-from omega_common.db import create_database, embedded_postgres_dsn, with_database
-from omega_common.logging import configure_logging
 from prometheus_client import start_http_server
 
+from omega_common.db import create_database, embedded_postgres_dsn, with_database
+from omega_common.logging import configure_logging
 from omega_federation.settings import FederationSettings
 from omega_federation.state import WorkerState
 from omega_federation.worker import run_periodic, run_round

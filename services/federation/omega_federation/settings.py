@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from omega_common.settings import ServiceSettings
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
+
+from omega_common.settings import ServiceSettings
 
 __all__ = ["FederationSettings"]
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+
 from omega_common.db import apply_migrations, load_migrations
 
 __all__ = ["ROUND_LOCK_KEY", "RoundRecord", "ShardMark", "WorkerState"]

@@ -23,8 +23,16 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 import structlog
+
 from omega.v1 import federation_pb2, federation_pb2_grpc, patterns_pb2, sync_pb2, sync_pb2_grpc
 from omega_common.errors import UnavailableError
+from omega_federation import metrics
+from omega_federation.aggregation import AggregatedPattern, Contributions, federated_average
+from omega_federation.codebook import Codebook
+from omega_federation.privacy import PrivacyAccountant, PrivacyParams
+from omega_federation.settings import FederationSettings
+from omega_federation.state import RoundRecord, ShardMark, WorkerState
+from omega_federation.trends import trend_scores
 from omega_protocol import (
     EMBEDDING_DIM,
     ContextBucket,
@@ -33,14 +41,6 @@ from omega_protocol import (
     dequantize_int8,
     encode_embedding,
 )
-
-from omega_federation import metrics
-from omega_federation.aggregation import AggregatedPattern, Contributions, federated_average
-from omega_federation.codebook import Codebook
-from omega_federation.privacy import PrivacyAccountant, PrivacyParams
-from omega_federation.settings import FederationSettings
-from omega_federation.state import RoundRecord, ShardMark, WorkerState
-from omega_federation.trends import trend_scores
 
 __all__ = ["RoundReport", "run_periodic", "run_round"]
 

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 from omega_data import load_movielens
-
 from omega_simulator.replay import replay_movielens
 from omega_simulator.settings import SimulatorSettings
 from omega_simulator.stack import LocalStack, write_catalog_file

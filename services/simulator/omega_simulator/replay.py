@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+
 from omega_brain import Brain, BrainConfig, CatalogIndex, GrpcTransport, ViewingEvent, fetch_catalog
 from omega_data import (
     MovieLens,
@@ -28,7 +29,6 @@ from omega_data import (
     popularity_rankings,
 )
 from omega_protocol import shard_for
-
 from omega_simulator.report import QualityRow, SimulationReport, SyncStats
 from omega_simulator.settings import SimulatorSettings
 

@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from omega_common.db import create_database, drop_database, embedded_postgres_dsn, with_database
 from omega_data import MovieLens, catalog_embeddings
 
