@@ -135,6 +135,7 @@ def replay_movielens(
         The report; raises nothing for failed syncs (they are counted).
     """
     started = time.perf_counter()
+    work_dir.mkdir(parents=True, exist_ok=True)
     ml = movielens or load_movielens()
     splits = chronological_split(ml, settings.train_fraction)
     user_ids = sorted(splits)[: settings.max_users] if settings.max_users else sorted(splits)
