@@ -37,6 +37,9 @@ def _run(settings: SimulatorSettings) -> int:
             "OMEGA_FEDERATION_MIN_SOURCES": str(settings.min_sources),
             "OMEGA_FEDERATION_EPSILON": str(settings.epsilon),
             "OMEGA_FEDERATION_SEED": str(settings.seed),
+            "OMEGA_FEDERATION_CODEBOOK_SIZE": str(settings.codebook_size),
+            "OMEGA_FEDERATION_CLIPPING_NORM": str(settings.clipping_norm),
+            "OMEGA_FEDERATION_MAX_PATTERNS_PER_DEVICE": str(settings.max_patterns_per_device),
         }
         settle = settings.export_settle_ms / 1000.0
 

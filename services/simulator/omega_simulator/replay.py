@@ -9,6 +9,7 @@ popularity baseline, the local-only brain and the federated brain.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -147,13 +148,14 @@ def replay_movielens(
             fetched.content_ids, fetched.embeddings, titles=fetched.titles, genres=fetched.genres
         )
         progress(f"catalog: {len(catalog)} items fetched from {shard_ids[0]}")
+        base_config = dataclasses.replace(BrainConfig(), **settings.brain)
         devices: list[Device] = []
         for uid in user_ids:
             device_id = f"ml100k-user-{uid}"
             shard = shard_for(device_id, shard_ids)
             brain = Brain(
                 device_id,
-                BrainConfig(store_path=work_dir / f"{device_id}.sqlite"),
+                dataclasses.replace(base_config, store_path=work_dir / f"{device_id}.sqlite"),
                 transport=transports[shard],
                 catalog=catalog,
             )

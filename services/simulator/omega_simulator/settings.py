@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -26,8 +27,21 @@ class SimulatorSettings(BaseSettings):
     max_users: int | None = Field(None, description="Replay only the first N users (tests).")
     train_fraction: float = Field(0.8, description="Chronological split (ARCHITECTURE.md 8).")
     min_sources: int = Field(3, description="k-anonymity of the federation rounds `run` runs.")
-    epsilon: float = Field(1.0, description="DP epsilon per round of the federation worker.")
+    epsilon: float = Field(
+        8.0,
+        description=(
+            "DP epsilon per round of the federation worker. 943 devices are a tiny fleet: at "
+            "epsilon 1 the noise needed hides every group (production fleets have millions)."
+        ),
+    )
+    codebook_size: int = Field(4, description="Codebook centroids (pattern keys per bucket).")
+    clipping_norm: float = Field(5.0, description="Per-device weight clip of the rounds.")
+    max_patterns_per_device: int = Field(2, description="Groups a device may join per round.")
     seed: int = Field(42, description="Seed of the federation worker's noise.")
+    brain: dict[str, Any] = Field(
+        default_factory=dict,
+        description='BrainConfig overrides as JSON, e.g. {"trend_weight": 0.5}.',
+    )
     export_settle_ms: int = Field(300, description="Shards' export settle time (ms).")
     output_dir: Path = Field(Path("reports"), description="Where the JSON report is written.")
     work_dir: Path | None = Field(
