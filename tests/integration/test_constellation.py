@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import asyncpg
 import grpc
 import numpy as np
@@ -259,3 +260,39 @@ async def test_database_outage_is_unavailable_then_recovers(
         except grpc.aio.AioRpcError as exc:
             assert exc.code() == grpc.StatusCode.UNAVAILABLE
     assert response.acknowledged_version == 1 and not response.duplicate
+
+
+async def test_report_metrics_and_prometheus_endpoint(
+    stub: sync_pb2_grpc.ConstellationSyncStub,
+) -> None:
+    import urllib.request
+
+    from prometheus_client import start_http_server
+
+    from omega.v1 import events_pb2
+    from omega_simulator.stack import free_port
+
+    await stub.ReportMetrics(
+        sync_pb2.ReportMetricsRequest(
+            device_id="tv-9", metrics=events_pb2.DeviceMetrics(recommend_p99_ms=3.5, syncs_failed=2)
+        )
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.ReportMetrics(sync_pb2.ReportMetricsRequest())
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    port = free_port()
+    server, thread = start_http_server(port, addr="127.0.0.1")
+    try:
+
+        def scrape() -> str:
+            url = f"http://127.0.0.1:{port}/metrics"
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return str(response.read().decode())
+
+        text = await asyncio.to_thread(scrape)
+    finally:
+        server.shutdown()
+        thread.join(5)
+    assert 'omega_constellation_rpc_handled_total{code="OK",method="ReportMetrics"}' in text
+    assert 'code="INVALID_ARGUMENT",method="ReportMetrics"' in text
+    assert "omega_constellation_device_syncs_failed_total" in text

@@ -100,3 +100,56 @@ async def test_round_publishes_global_patterns_a_new_device_receives(
     assert dup.duplicate and dup.global_version == 2
     for c in channels.values():
         await c.close()
+
+
+async def test_periodic_worker_runs_rounds_until_stopped(
+    start_shard: StartShard, make_database: Callable[[], Awaitable[str]]
+) -> None:
+    import asyncio
+
+    from omega_federation.worker import run_periodic
+
+    running = await start_shard(database_url=await make_database())
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+    settings = FederationSettings(
+        shards={"shard-0": f"127.0.0.1:{running.port}"}, interval_seconds=0.1, min_sources=3
+    )
+    dsn = await make_database()
+    state = await WorkerState.open(dsn)
+    observer = await WorkerState.open(dsn)  # its own connection: the worker holds the other
+    stop = asyncio.Event()
+    try:
+        task = asyncio.create_task(run_periodic(settings, state, {"shard-0": channel}, stop))
+        for _ in range(100):
+            latest = await observer.latest()
+            if latest is not None and latest.round_id >= 3:
+                break
+            await asyncio.sleep(0.05)
+        stop.set()
+        published = await asyncio.wait_for(task, timeout=10)
+    finally:
+        await observer.close()
+        await state.close()
+        await channel.close()
+    assert published >= 3
+    assert await running.service.store.global_version() == published
+
+
+async def test_only_one_worker_runs_a_round(
+    start_shard: StartShard, make_database: Callable[[], Awaitable[str]]
+) -> None:
+    running = await start_shard(database_url=await make_database())
+    settings = FederationSettings(shards={"shard-0": f"127.0.0.1:{running.port}"})
+    dsn = await make_database()
+    first, second = await WorkerState.open(dsn), await WorkerState.open(dsn)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+    try:
+        assert await first.try_lock()  # another worker is mid-round
+        report = await run_round(settings, second, {"shard-0": channel})
+        assert report.status == "skipped_locked" and await second.latest() is None
+        await first.unlock()
+        assert (await run_round(settings, second, {"shard-0": channel})).status == "published"
+    finally:
+        await channel.close()
+        await first.close()
+        await second.close()
