@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -10,7 +11,9 @@ import pytest
 
 from omega_common.db import create_database, drop_database, embedded_postgres_dsn, with_database
 
-LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
+LOCAL_POSTGRES = os.environ.get(
+    "OMEGA_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from urllib.parse import urlsplit
 
 import asyncpg
 import grpc
@@ -240,7 +241,7 @@ async def test_health_and_reflection(shard: RunningServer) -> None:
 async def test_database_outage_is_unavailable_then_recovers(
     stub: sync_pb2_grpc.ConstellationSyncStub, database_url: str, pg_admin_dsn: str
 ) -> None:
-    name = database_url.rsplit("/", 1)[-1].split("?")[0]
+    name = urlsplit(database_url).path.lstrip("/")
     admin = await asyncpg.connect(pg_admin_dsn)
     try:
         await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
