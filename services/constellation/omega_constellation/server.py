@@ -108,7 +108,7 @@ async def start_server(settings: ConstellationSettings) -> RunningServer:
         shard_id=settings.shard_id,
         port=port,
         catalog_items=len(service.catalog),
-        global_version=service._view.version,
+        global_version=service.global_view.version,
     )
     return RunningServer(server, port, service, health)
 

@@ -61,6 +61,11 @@ class ConstellationService:
         await self.refresh_global(force=True)
 
     @property
+    def global_view(self) -> GlobalView:
+        """The cached global patterns and trends (refreshed when a newer round is seen)."""
+        return self._view
+
+    @property
     def catalog(self) -> Catalog:
         """The catalog snapshot served by FetchEmbeddings and SearchContent."""
         return self._catalog

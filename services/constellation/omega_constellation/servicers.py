@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import grpc
+import numpy as np
 
 from omega.v1 import federation_pb2, federation_pb2_grpc, patterns_pb2, sync_pb2, sync_pb2_grpc
 from omega_common.errors import InvalidArgumentError
@@ -19,8 +20,13 @@ from omega_constellation.converters import (
 )
 from omega_constellation.service import ConstellationService, GlobalView
 from omega_constellation.store import ExportRow
-from omega_protocol import decode_embedding, encode_embeddings, encode_payload, pattern_context
-from omega_protocol import dequantize_int8 as _dequantize
+from omega_protocol import (
+    decode_embedding,
+    dequantize_int8,
+    encode_embeddings,
+    encode_payload,
+    pattern_context,
+)
 
 __all__ = ["ConstellationSyncServicer", "FederationServicer"]
 
@@ -109,10 +115,8 @@ class ConstellationSyncServicer(sync_pb2_grpc.ConstellationSyncServicer):
         if encoding == patterns_pb2.EMBEDDING_ENCODING_INT8:
             embeddings = [int8_to_embedding(r.codes, r.scale) for r in rows]
         else:
-            import numpy as np
-
             codes = np.frombuffer(b"".join(r.codes for r in rows), dtype=np.int8)
-            vectors = _dequantize(codes.reshape(len(rows), -1), [r.scale for r in rows])
+            vectors = dequantize_int8(codes.reshape(len(rows), -1), [r.scale for r in rows])
             embeddings = encode_embeddings(vectors, encoding) if rows else []
         return sync_pb2.FetchEmbeddingsResponse(
             items=[
