@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PROTO_FILES := $(wildcard proto/omega/v1/*.proto)
 PROTO_OUT := libs/omega_protocol
 
-.PHONY: help setup run data test test-unit test-integration lint format typecheck proto proto-check bench clean
+.PHONY: help setup run data test test-unit test-integration lint format typecheck proto proto-check clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -61,9 +61,6 @@ proto-check: $(STAMP) ## Fail when the committed generated code differs from wha
 	$(call generate_proto,build/proto-check)
 	diff -r -x __pycache__ build/proto-check/omega $(PROTO_OUT)/omega \
 		|| (echo "generated code is stale: run 'make proto' and commit" && exit 1)
-
-bench: $(STAMP) ## Run the benchmarks (figures printed, compared to an in-run baseline)
-	$(PY) -m bench
 
 clean: ## Remove caches and build artefacts (keeps .venv and the data cache)
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

@@ -8,6 +8,7 @@ federation worker as processes, replays every user, prints the report and stops 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 from omega_data import load_movielens
 from omega_simulator.replay import replay_movielens
 from omega_simulator.settings import SimulatorSettings
-from omega_simulator.stack import LocalStack, write_catalog_file
+from omega_simulator.stack import LocalStack, run_federation_round, write_catalog_file
 
 
 def _run(settings: SimulatorSettings) -> int:
@@ -60,12 +61,38 @@ def _run(settings: SimulatorSettings) -> int:
     return 0 if report.syncs.failed == 0 else 1
 
 
+def _replay(settings: SimulatorSettings) -> int:
+    if not settings.shards:
+        print('replay needs OMEGA_SIMULATOR_SHARDS, e.g. \'{"shard-0": "127.0.0.1:50051"}\'')
+        return 2
+    with tempfile.TemporaryDirectory(prefix="omega-replay-") as tmp:
+        work = settings.work_dir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        env = {"OMEGA_FEDERATION_SHARDS": json.dumps(settings.shards)}
+        report = replay_movielens(
+            settings,
+            settings.shards,
+            lambda: run_federation_round(env, work / "federation.log"),
+            work / "devices",
+        )
+    print()
+    print(report.render())
+    print(f"\nreport written to {report.write(settings.output_dir)}")
+    return 0 if report.syncs.failed == 0 else 1
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``omega-simulator``."""
     parser = argparse.ArgumentParser(prog="omega-simulator", description=__doc__)
-    parser.add_argument("command", choices=["run"], help="run: the whole stack end to end")
-    parser.parse_args(argv)
-    sys.exit(_run(SimulatorSettings()))
+    parser.add_argument(
+        "command",
+        choices=["run", "replay"],
+        help="run: the whole stack end to end; replay: against running shards "
+        "(OMEGA_SIMULATOR_SHARDS; rounds run `omega-federation run-once` with OMEGA_FEDERATION_*)",
+    )
+    args = parser.parse_args(argv)
+    settings = SimulatorSettings()
+    sys.exit(_run(settings) if args.command == "run" else _replay(settings))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from omega_common.db import create_database, drop_database, embedded_postgres_dsn, with_database
 from omega_data import MovieLens, catalog_embeddings
 
-__all__ = ["LocalStack", "free_port", "write_catalog_file"]
+__all__ = ["LocalStack", "free_port", "run_federation_round", "write_catalog_file"]
 
 
 def free_port() -> int:
@@ -51,6 +51,31 @@ def write_catalog_file(ml: MovieLens, path: Path) -> int:
         embeddings=embeddings.astype(np.float32),
     )
     return len(ids)
+
+
+def run_federation_round(env: dict[str, str], log: Path) -> dict[str, Any]:
+    """Run one round as a worker process (``omega-federation run-once``) and return its report.
+
+    Args:
+        env: ``OMEGA_FEDERATION_*`` variables added to this process's environment.
+        log: the worker's output is appended here.
+
+    Raises:
+        RuntimeError: the worker failed (its output is in ``log``).
+    """
+    done = subprocess.run(
+        [sys.executable, "-m", "omega_federation", "run-once"],
+        env={**os.environ, **env},
+        capture_output=True,
+        timeout=600,
+        check=False,
+    )
+    with log.open("ab") as out:
+        out.write(done.stdout + done.stderr)
+    if done.returncode != 0:
+        raise RuntimeError(f"federation round failed ({done.returncode}); see {log}")
+    report: dict[str, Any] = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    return report
 
 
 @dataclass
@@ -144,33 +169,16 @@ class LocalStack:
         raise RuntimeError(f"{name} did not become healthy in {timeout:.0f} s; see {proc.log}")
 
     def federation_round(self, env: dict[str, str]) -> dict[str, Any]:
-        """Run one federation round as a worker process (``omega-federation run-once``).
-
-        Raises:
-            RuntimeError: the worker failed (its output is in ``federation.log``).
-        """
-        log = self.work_dir / "federation.log"
-        full_env = {
-            **os.environ,
-            **self._env,
-            "OMEGA_FEDERATION_SHARDS": json.dumps(self.shards),
-            "OMEGA_FEDERATION_DATABASE_URL": self.federation_dsn,
-            **env,
-        }
-        done = subprocess.run(
-            [sys.executable, "-m", "omega_federation", "run-once"],
-            env=full_env,
-            capture_output=True,
-            timeout=600,
-            check=False,
+        """Run one federation round over this stack's shards (see `run_federation_round`)."""
+        return run_federation_round(
+            {
+                **self._env,
+                "OMEGA_FEDERATION_SHARDS": json.dumps(self.shards),
+                "OMEGA_FEDERATION_DATABASE_URL": self.federation_dsn,
+                **env,
+            },
+            self.work_dir / "federation.log",
         )
-        with log.open("ab") as out:
-            out.write(done.stdout + done.stderr)
-        if done.returncode != 0:
-            raise RuntimeError(f"federation round failed ({done.returncode}); see {log}")
-        last = done.stdout.decode().strip().splitlines()[-1]
-        report: dict[str, Any] = json.loads(last)
-        return report
 
     def stop(self) -> None:
         """SIGTERM every process, wait for it (SIGKILL after 15 s), drop nothing."""
