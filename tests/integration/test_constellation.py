@@ -298,3 +298,15 @@ async def test_report_metrics_and_prometheus_endpoint(
     assert 'omega_constellation_rpc_handled_total{code="OK",method="ReportMetrics"}' in text
     assert 'code="INVALID_ARGUMENT",method="ReportMetrics"' in text
     assert "omega_constellation_device_syncs_failed_total" in text
+
+
+async def test_rejections_are_logged_with_rpc_context(
+    stub: sync_pb2_grpc.ConstellationSyncStub,
+) -> None:
+    from structlog.testing import capture_logs
+
+    with capture_logs() as logs, pytest.raises(grpc.aio.AioRpcError):
+        await stub.SyncPatterns(MALFORMED["wrong dimension"])
+    rejected = [e for e in logs if e["event"] == "rpc_rejected"]
+    assert rejected and rejected[0]["code"] == "INVALID_ARGUMENT"
+    assert "dimension" in rejected[0]["reason"]
