@@ -310,3 +310,27 @@ async def test_rejections_are_logged_with_rpc_context(
     rejected = [e for e in logs if e["event"] == "rpc_rejected"]
     assert rejected and rejected[0]["code"] == "INVALID_ARGUMENT"
     assert "dimension" in rejected[0]["reason"]
+
+
+async def test_worker_and_metrics_requests_with_bad_numbers_are_rejected(
+    shard: RunningServer, stub: sync_pb2_grpc.ConstellationSyncStub
+) -> None:
+    from omega.v1 import events_pb2, federation_pb2, federation_pb2_grpc
+
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.ReportMetrics(
+            sync_pb2.ReportMetricsRequest(
+                device_id="tv", metrics=events_pb2.DeviceMetrics(recommend_p99_ms=float("inf"))
+            )
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{shard.port}") as channel:
+        federation = federation_pb2_grpc.FederationStub(channel)
+        for rate in (float("nan"), 1.5):
+            call = federation.ExportPatterns(
+                federation_pb2.ExportPatternsRequest(min_success_rate=rate)
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in call:
+                    pass
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

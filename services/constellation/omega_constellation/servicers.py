@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 
 import grpc
@@ -69,6 +70,7 @@ class ConstellationSyncServicer(sync_pb2_grpc.ConstellationSyncServicer):
     async def SyncPatterns(
         self, request: sync_pb2.SyncPatternsRequest, context: grpc.aio.ServicerContext
     ) -> sync_pb2.SyncPatternsResponse:
+        """Validate and apply a device's delta; answer with the ack and newer global patterns."""
         metrics.SYNC_REQUEST_BYTES.observe(request.ByteSize())
         delta = delta_from_request(request, self._limits)
         decision = await self._service.sync(delta)
@@ -91,6 +93,7 @@ class ConstellationSyncServicer(sync_pb2_grpc.ConstellationSyncServicer):
     async def FetchEmbeddings(
         self, request: sync_pb2.FetchEmbeddingsRequest, context: grpc.aio.ServicerContext
     ) -> sync_pb2.FetchEmbeddingsResponse:
+        """A page of catalog items (changed since a version, or by ids)."""
         catalog = self._service.catalog
         try:
             offset = int(request.page_token) if request.page_token else 0
@@ -136,9 +139,12 @@ class ConstellationSyncServicer(sync_pb2_grpc.ConstellationSyncServicer):
     async def ReportMetrics(
         self, request: sync_pb2.ReportMetricsRequest, context: grpc.aio.ServicerContext
     ) -> sync_pb2.ReportMetricsResponse:
+        """Record a device's health counters as aggregate Prometheus metrics."""
         if not request.device_id:
             raise InvalidArgumentError("device_id is required")
         m = request.metrics
+        if not math.isfinite(m.recommend_p99_ms) or m.recommend_p99_ms < 0:
+            raise InvalidArgumentError("recommend_p99_ms must be a finite number >= 0")
         if m.recommend_p99_ms > 0:
             metrics.DEVICE_RECOMMEND_P99.observe(m.recommend_p99_ms / 1000.0)
         if m.syncs_failed:
@@ -148,6 +154,7 @@ class ConstellationSyncServicer(sync_pb2_grpc.ConstellationSyncServicer):
     async def SearchContent(
         self, request: sync_pb2.SearchContentRequest, context: grpc.aio.ServicerContext
     ) -> sync_pb2.SearchContentResponse:
+        """Nearest catalog items to a query embedding, with genre and id filters."""
         if not request.HasField("query"):
             raise InvalidArgumentError("query embedding is required")
         embedding_to_int8(request.query, "query")  # validates dimension and values
@@ -191,8 +198,11 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
     async def ExportPatterns(
         self, request: federation_pb2.ExportPatternsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[federation_pb2.PatternBatch]:
+        """Stream stored patterns above a watermark; view counts ride on the last batch."""
         if request.since_updated_at_ms < 0:
             raise InvalidArgumentError("since_updated_at_ms must be >= 0")
+        if not math.isfinite(request.min_success_rate) or not 0 <= request.min_success_rate <= 1:
+            raise InvalidArgumentError("min_success_rate must be a finite number in [0, 1]")
         shard_id = self._service.settings.shard_id
         version = await self._service.store.global_version()
         watermark = request.since_updated_at_ms
@@ -223,6 +233,7 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
     async def PublishRound(
         self, request: federation_pb2.PublishRoundRequest, context: grpc.aio.ServicerContext
     ) -> federation_pb2.PublishRoundResponse:
+        """Store a federation round once (a repeated round is acknowledged, not applied)."""
         patterns, trending = publish_from_request(request)
         version, stored, duplicate = await self._service.publish(
             request.round,

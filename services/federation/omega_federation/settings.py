@@ -21,25 +21,37 @@ class FederationSettings(ServiceSettings):
         default_factory=lambda: {"shard-0": "127.0.0.1:50051"},
         description='Shard id -> gRPC address, as JSON: {"shard-0": "host:port", ...}.',
     )
-    interval_seconds: float = Field(300.0, description="Time between round starts (periodic).")
-    min_success_rate: float = Field(0.8, description="Round threshold on exported patterns.")
-    min_sources: int = Field(
-        1000, description="k-anonymity: distinct devices a group needs to be published."
+    interval_seconds: float = Field(
+        300.0, gt=0, description="Time between round starts (periodic)."
     )
-    codebook_size: int = Field(64, description="k-means centroids of the pattern-key codebook.")
-    epsilon: float = Field(1.0, description="Differential privacy budget per round (epsilon).")
-    delta: float = Field(1e-6, description="Differential privacy delta per round (Gaussian).")
+    min_success_rate: float = Field(
+        0.8, ge=0.0, le=1.0, description="Round threshold on exported patterns."
+    )
+    min_sources: int = Field(
+        1000, ge=1, description="k-anonymity: distinct devices a group needs to be published."
+    )
+    codebook_size: int = Field(
+        64, ge=1, description="k-means centroids of the pattern-key codebook."
+    )
+    epsilon: float = Field(
+        1.0, gt=0, description="Differential privacy budget per round (epsilon)."
+    )
+    delta: float = Field(
+        1e-6, gt=0, lt=1, description="Differential privacy delta per round (Gaussian)."
+    )
     clipping_norm: float = Field(
-        20.0, description="Per-device clip of the weight success_rate x sample_count."
+        20.0, gt=0, description="Per-device clip of the weight success_rate x sample_count."
     )
     mechanism: Literal["gaussian", "laplace"] = Field("gaussian", description="DP noise.")
-    max_patterns_per_device: int = Field(8, description="Groups one device may join per round.")
-    trend_decay_per_hour: float = Field(0.95, description="Trend score decay per hour.")
-    trend_noise_scale: float = Field(
-        1.0, description="Laplace scale of the noise added to per-content view counts."
+    max_patterns_per_device: int = Field(
+        8, ge=1, description="Groups one device may join per round."
     )
-    trending_top_n: int = Field(100, description="Trending items published per round.")
-    export_batch_size: int = Field(2000, description="Patterns per ExportPatterns batch.")
-    rpc_timeout_seconds: float = Field(120.0, description="Deadline of one shard RPC.")
-    rpc_attempts: int = Field(3, description="Attempts per shard RPC on UNAVAILABLE.")
+    trend_decay_per_hour: float = Field(0.95, gt=0, le=1, description="Trend score decay per hour.")
+    trend_noise_scale: float = Field(
+        1.0, ge=0, description="Laplace scale of the noise added to per-content view counts."
+    )
+    trending_top_n: int = Field(100, ge=0, description="Trending items published per round.")
+    export_batch_size: int = Field(2000, gt=0, description="Patterns per ExportPatterns batch.")
+    rpc_timeout_seconds: float = Field(120.0, gt=0, description="Deadline of one shard RPC.")
+    rpc_attempts: int = Field(3, ge=1, description="Attempts per shard RPC on UNAVAILABLE.")
     seed: int | None = Field(None, description="RNG seed for reproducible rounds (tests).")

@@ -52,6 +52,7 @@ class WorkerState:
         return cls(conn)
 
     async def close(self) -> None:
+        """Close the connection (which also releases the round lock)."""
         await self._conn.close()
 
     async def try_lock(self) -> bool:
@@ -59,6 +60,7 @@ class WorkerState:
         return bool(await self._conn.fetchval("SELECT pg_try_advisory_lock($1)", ROUND_LOCK_KEY))
 
     async def unlock(self) -> None:
+        """Release the round lock taken by `try_lock`."""
         await self._conn.execute("SELECT pg_advisory_unlock($1)", ROUND_LOCK_KEY)
 
     async def latest(self) -> RoundRecord | None:
@@ -70,6 +72,7 @@ class WorkerState:
         return None if row is None else _record(row)
 
     async def latest_published(self) -> RoundRecord | None:
+        """The highest round that reached every shard, or None."""
         row = await self._conn.fetchrow(
             "SELECT round_id, status, watermarks, payload, privacy, figures"
             " FROM federation_rounds WHERE status = 'published' ORDER BY round_id DESC LIMIT 1"
@@ -99,6 +102,7 @@ class WorkerState:
         )
 
     async def mark_published(self, round_id: int, figures: dict[str, Any]) -> None:
+        """Record that round ``round_id`` reached every shard, with its final figures."""
         await self._conn.execute(
             "UPDATE federation_rounds SET status = 'published', figures = $2, finished_at = now()"
             " WHERE round_id = $1",
@@ -107,12 +111,14 @@ class WorkerState:
         )
 
     async def codebook(self) -> bytes | None:
+        """The newest serialized `Codebook`, or None before the first round."""
         value: bytes | None = await self._conn.fetchval(
             "SELECT data FROM codebooks ORDER BY codebook_id DESC LIMIT 1"
         )
         return value
 
     async def save_codebook(self, data: bytes) -> None:
+        """Store a serialized `Codebook`; it becomes the one `codebook` returns."""
         await self._conn.execute("INSERT INTO codebooks (data) VALUES ($1)", data)
 
 

@@ -20,29 +20,34 @@ class SimulatorSettings(BaseSettings):
         default_factory=dict,
         description="Shard id -> gRPC address as JSON; empty: `run` starts its own shards.",
     )
-    shard_count: int = Field(2, description="Shards `run` starts when none are given.")
-    phases: int = Field(4, description="Training history split into this many phases.")
-    sync_every_events: int = Field(5, description="A device syncs after this many events.")
-    workers: int = Field(4, description="Threads replaying devices concurrently.")
-    max_users: int | None = Field(None, description="Replay only the first N users (tests).")
-    train_fraction: float = Field(0.8, description="Chronological split (ARCHITECTURE.md 8).")
-    min_sources: int = Field(3, description="k-anonymity of the federation rounds `run` runs.")
+    shard_count: int = Field(2, ge=1, description="Shards `run` starts when none are given.")
+    phases: int = Field(4, ge=1, description="Training history split into this many phases.")
+    sync_every_events: int = Field(5, ge=1, description="A device syncs after this many events.")
+    workers: int = Field(4, ge=1, description="Threads replaying devices concurrently.")
+    max_users: int | None = Field(None, ge=1, description="Replay only the first N users (tests).")
+    train_fraction: float = Field(
+        0.8, gt=0, lt=1, description="Chronological split (ARCHITECTURE.md 8)."
+    )
+    min_sources: int = Field(
+        3, ge=1, description="k-anonymity of the federation rounds `run` runs."
+    )
     epsilon: float = Field(
         8.0,
+        gt=0,
         description=(
             "DP epsilon per round of the federation worker. 943 devices are a tiny fleet: at "
             "epsilon 1 the noise needed hides every group (production fleets have millions)."
         ),
     )
-    codebook_size: int = Field(4, description="Codebook centroids (pattern keys per bucket).")
-    clipping_norm: float = Field(5.0, description="Per-device weight clip of the rounds.")
-    max_patterns_per_device: int = Field(2, description="Groups a device may join per round.")
+    codebook_size: int = Field(4, ge=1, description="Codebook centroids (pattern keys per bucket).")
+    clipping_norm: float = Field(5.0, gt=0, description="Per-device weight clip of the rounds.")
+    max_patterns_per_device: int = Field(2, ge=1, description="Groups a device may join per round.")
     seed: int = Field(42, description="Seed of the federation worker's noise.")
     brain: dict[str, Any] = Field(
         default_factory=dict,
         description='BrainConfig overrides as JSON, e.g. {"trend_weight": 0.5}.',
     )
-    export_settle_ms: int = Field(300, description="Shards' export settle time (ms).")
+    export_settle_ms: int = Field(300, ge=0, description="Shards' export settle time (ms).")
     output_dir: Path = Field(Path("reports"), description="Where the JSON report is written.")
     work_dir: Path | None = Field(
         None, description="Device stores and logs; a temporary folder when unset."
