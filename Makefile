@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PROTO_FILES := $(wildcard proto/omega/v1/*.proto)
 PROTO_OUT := libs/omega_protocol
 
-.PHONY: help setup run data test test-unit test-integration lint format typecheck proto proto-check clean
+.PHONY: help setup run data test test-unit test-integration lint format typecheck proto proto-check bench-quality clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -38,6 +38,7 @@ lint: $(STAMP) ## ruff lint + format check, mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy bench
 
 format: $(STAMP) ## Apply ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix .
@@ -45,6 +46,10 @@ format: $(STAMP) ## Apply ruff fixes and formatting
 
 typecheck: $(STAMP) ## mypy (strict) on our code
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy bench
+
+bench-quality: $(STAMP) ## Tune federated CF on a validation split; hold-out quality vs epsilon (JSON + PNG in reports/collaborative)
+	$(PY) bench/collaborative_quality.py --out reports/collaborative
 
 define generate_proto
 	rm -rf $(1) && mkdir -p $(1)
