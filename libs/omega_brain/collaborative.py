@@ -43,6 +43,7 @@ __all__ = [
     "preference_vector",
     "quality_weight",
     "score_items",
+    "update_direction",
     "user_factor",
 ]
 
@@ -267,6 +268,39 @@ def model_update(
         return None
     direction = (weight * clipping_norm / x_norm) * x
     return ModelUpdate(items=items, p=p.astype(np.float32), direction=direction.astype(np.float32))
+
+
+def update_direction(
+    item_factors: npt.NDArray[np.float32],
+    items: npt.NDArray[np.int64],
+    p: npt.NDArray[np.float32],
+    weight: float = 1.0,
+) -> npt.NDArray[np.float32] | None:
+    """The direction a device sends with its full preference vector (`ItemFactorUpdate`).
+
+    The wire carries ``p`` over *all* the device's items (it also feeds the per-item counts);
+    the server keeps the rows of active items, ``p_A ⊗ direction``. This returns
+    ``model_update(...).direction / |p_A|`` so that those rows are exactly the `model_update`
+    rows, of Frobenius norm ``weight`` (the clipping norm of the protocol is 1).
+
+    Args:
+        item_factors: ``V``, (n_items, d) float32.
+        items: (m,) int64 positions of the device's items.
+        p: (m,) float32 preference weights, unit norm.
+        weight: Quality weight in [0, 1].
+
+    Returns:
+        (d,) float32, or None when the device has nothing to contribute to the model.
+
+    Raises:
+        ValueError: as `model_update`.
+    """
+    update = model_update(item_factors, items, p, clipping_norm=1.0, weight=weight)
+    if update is None:
+        return None
+    active = np.isin(items, update.items)
+    active_norm = float(np.linalg.norm(p[active].astype(np.float64)))
+    return (update.direction / active_norm).astype(np.float32)
 
 
 def score_items(

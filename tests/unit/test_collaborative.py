@@ -13,6 +13,7 @@ from omega_brain.collaborative import (
     preference_vector,
     quality_weight,
     score_items,
+    update_direction,
     user_factor,
 )
 from omega_federation.item_factors import (
@@ -20,6 +21,12 @@ from omega_federation.item_factors import (
     initial_item_factors,
     orthonormalize,
     top_items,
+)
+from omega_protocol import patterns_pb2
+from omega_protocol.model_update import (
+    ModelUpdateError,
+    decode_item_factor_update,
+    encode_item_factor_update,
 )
 
 # Item factors of a 4-item catalog, 2 factors; item 2 is not in the model (zero row).
@@ -198,3 +205,44 @@ def test_power_iteration_recovers_the_top_subspace_of_planted_clusters() -> None
     # Principal angles between span(factors) and span(indicator) are ~0.
     singular = np.linalg.svd(factors.T @ indicator, compute_uv=False)
     assert singular.min() > 0.99
+
+
+def test_wire_direction_gives_the_same_active_rows_as_model_update() -> None:
+    items = np.array([0, 1, 2], dtype=np.int64)
+    p = np.array([0.6, 0.6, 0.52915026], dtype=np.float32)
+    direction = update_direction(V, items, p, weight=0.5)
+    update = model_update(V, items, p, clipping_norm=1.0, weight=0.5)
+    assert direction is not None and update is not None
+    # The server keeps the active rows (items 0 and 1) of p ⊗ direction.
+    assert np.outer(p[:2], direction) == pytest.approx(update.dense_rows(), rel=1e-5)
+    acc = UpdateAccumulator(np.array([0, 1, 3]), n_items=4, dim=2, clipping_norm=1.0)
+    assert acc.add(items, p, direction) == pytest.approx(1.0)  # norm 0.5: not clipped
+    assert np.linalg.norm(acc.noisy_sum(0.0, None)) == pytest.approx(0.5, rel=1e-5)
+
+
+def test_item_factor_update_round_trip_and_rejections() -> None:
+    message = encode_item_factor_update(3, ["a", "b"], [0.8, 0.6], [0.5, -0.25])
+    decoded = decode_item_factor_update(message, expected_factors=2)
+    assert decoded.model_version == 3 and decoded.content_ids == ("a", "b")
+    assert decoded.weights == pytest.approx([0.8, 0.6], abs=0.01)
+    assert decoded.direction is not None
+    assert decoded.direction == pytest.approx([0.5, -0.25], abs=0.005)
+    no_model = decode_item_factor_update(encode_item_factor_update(0, ["a"], [1.0], None))
+    assert no_model.direction is None
+    with pytest.raises(ModelUpdateError, match="factors"):
+        decode_item_factor_update(message, expected_factors=3)
+    for ids, weights, direction, version in [
+        (["a", "a"], [0.6, 0.8], None, 0),  # repeated id
+        (["a", "b"], [0.8, 0.8], None, 0),  # norm above 1
+        (["a", "b"], [0.8, -0.6], None, 0),  # negative weight
+        ([""], [1.0], None, 0),  # empty id
+        (["a\x00"], [1.0], None, 0),  # NUL in an id
+        (["a"], [1.0], [1.0], 0),  # direction without a model version
+        (["a"], [1.0], [1e7], 1),  # absurd direction
+    ]:
+        with pytest.raises(ModelUpdateError):
+            encode_item_factor_update(version, ids, weights, direction)
+    bad = patterns_pb2.ItemFactorUpdate(model_version=1, content_ids=["a"])
+    bad.weights.CopyFrom(message.weights)  # 2 values for 1 id
+    with pytest.raises(ModelUpdateError, match="weights"):
+        decode_item_factor_update(bad)

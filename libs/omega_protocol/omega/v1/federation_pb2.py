@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from omega.v1 import patterns_pb2 as omega_dot_v1_dot_patterns__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19omega/v1/federation.proto\x12\x08omega.v1\x1a\x17omega/v1/patterns.proto\"}\n\x15\x45xportPatternsRequest\x12\x1b\n\x13since_updated_at_ms\x18\x01 \x01(\x03\x12\x18\n\x10min_success_rate\x18\x02 \x01(\x02\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12\x19\n\x11views_since_round\x18\x04 \x01(\x04\"P\n\x0f\x45xportedPattern\x12\x12\n\ndevice_key\x18\x01 \x01(\t\x12)\n\x07pattern\x18\x02 \x01(\x0b\x32\x18.omega.v1.ViewingPattern\"\xae\x01\n\x0cPatternBatch\x12+\n\x08patterns\x18\x01 \x03(\x0b\x32\x19.omega.v1.ExportedPattern\x12\x14\n\x0cwatermark_ms\x18\x02 \x01(\x03\x12\x31\n\rcontent_views\x18\x03 \x03(\x0b\x32\x1a.omega.v1.ContentViewCount\x12\x10\n\x08shard_id\x18\x04 \x01(\t\x12\x16\n\x0eglobal_version\x18\x05 \x01(\x04\"\xb8\x01\n\x13PublishRoundRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12)\n\x08patterns\x18\x02 \x03(\x0b\x32\x17.omega.v1.GlobalPattern\x12+\n\x08trending\x18\x03 \x03(\x0b\x32\x19.omega.v1.TrendingContent\x12\x0f\n\x07\x65psilon\x18\x04 \x01(\x01\x12\x1a\n\x12\x63umulative_epsilon\x18\x05 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x06 \x01(\x01\"Z\n\x14PublishRoundResponse\x12\x16\n\x0eglobal_version\x18\x01 \x01(\x04\x12\x17\n\x0fpatterns_stored\x18\x02 \x01(\r\x12\x11\n\tduplicate\x18\x03 \x01(\x08\x32\xa8\x01\n\nFederation\x12K\n\x0e\x45xportPatterns\x12\x1f.omega.v1.ExportPatternsRequest\x1a\x16.omega.v1.PatternBatch0\x01\x12M\n\x0cPublishRound\x12\x1d.omega.v1.PublishRoundRequest\x1a\x1e.omega.v1.PublishRoundResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19omega/v1/federation.proto\x12\x08omega.v1\x1a\x17omega/v1/patterns.proto\"}\n\x15\x45xportPatternsRequest\x12\x1b\n\x13since_updated_at_ms\x18\x01 \x01(\x03\x12\x18\n\x10min_success_rate\x18\x02 \x01(\x02\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12\x19\n\x11views_since_round\x18\x04 \x01(\x04\"U\n\x13\x45xportedModelUpdate\x12\x12\n\ndevice_key\x18\x01 \x01(\t\x12*\n\x06update\x18\x02 \x01(\x0b\x32\x1a.omega.v1.ItemFactorUpdate\"P\n\x0f\x45xportedPattern\x12\x12\n\ndevice_key\x18\x01 \x01(\t\x12)\n\x07pattern\x18\x02 \x01(\x0b\x32\x18.omega.v1.ViewingPattern\"\xe4\x01\n\x0cPatternBatch\x12+\n\x08patterns\x18\x01 \x03(\x0b\x32\x19.omega.v1.ExportedPattern\x12\x14\n\x0cwatermark_ms\x18\x02 \x01(\x03\x12\x31\n\rcontent_views\x18\x03 \x03(\x0b\x32\x1a.omega.v1.ContentViewCount\x12\x10\n\x08shard_id\x18\x04 \x01(\t\x12\x16\n\x0eglobal_version\x18\x05 \x01(\x04\x12\x34\n\rmodel_updates\x18\x06 \x03(\x0b\x32\x1d.omega.v1.ExportedModelUpdate\"\x92\x02\n\x13PublishRoundRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12)\n\x08patterns\x18\x02 \x03(\x0b\x32\x17.omega.v1.GlobalPattern\x12+\n\x08trending\x18\x03 \x03(\x0b\x32\x19.omega.v1.TrendingContent\x12\x0f\n\x07\x65psilon\x18\x04 \x01(\x01\x12\x1a\n\x12\x63umulative_epsilon\x18\x05 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x06 \x01(\x01\x12-\n\x0citem_factors\x18\x07 \x03(\x0b\x32\x17.omega.v1.ItemFactorRow\x12\x0f\n\x07\x66\x61\x63tors\x18\x08 \x01(\r\x12\x18\n\x10noise_multiplier\x18\t \x01(\x01\"Z\n\x14PublishRoundResponse\x12\x16\n\x0eglobal_version\x18\x01 \x01(\x04\x12\x17\n\x0fpatterns_stored\x18\x02 \x01(\r\x12\x11\n\tduplicate\x18\x03 \x01(\x08\x32\xa8\x01\n\nFederation\x12K\n\x0e\x45xportPatterns\x12\x1f.omega.v1.ExportPatternsRequest\x1a\x16.omega.v1.PatternBatch0\x01\x12M\n\x0cPublishRound\x12\x1d.omega.v1.PublishRoundRequest\x1a\x1e.omega.v1.PublishRoundResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,14 +34,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EXPORTPATTERNSREQUEST']._serialized_start=64
   _globals['_EXPORTPATTERNSREQUEST']._serialized_end=189
-  _globals['_EXPORTEDPATTERN']._serialized_start=191
-  _globals['_EXPORTEDPATTERN']._serialized_end=271
-  _globals['_PATTERNBATCH']._serialized_start=274
-  _globals['_PATTERNBATCH']._serialized_end=448
-  _globals['_PUBLISHROUNDREQUEST']._serialized_start=451
-  _globals['_PUBLISHROUNDREQUEST']._serialized_end=635
-  _globals['_PUBLISHROUNDRESPONSE']._serialized_start=637
-  _globals['_PUBLISHROUNDRESPONSE']._serialized_end=727
-  _globals['_FEDERATION']._serialized_start=730
-  _globals['_FEDERATION']._serialized_end=898
+  _globals['_EXPORTEDMODELUPDATE']._serialized_start=191
+  _globals['_EXPORTEDMODELUPDATE']._serialized_end=276
+  _globals['_EXPORTEDPATTERN']._serialized_start=278
+  _globals['_EXPORTEDPATTERN']._serialized_end=358
+  _globals['_PATTERNBATCH']._serialized_start=361
+  _globals['_PATTERNBATCH']._serialized_end=589
+  _globals['_PUBLISHROUNDREQUEST']._serialized_start=592
+  _globals['_PUBLISHROUNDREQUEST']._serialized_end=866
+  _globals['_PUBLISHROUNDRESPONSE']._serialized_start=868
+  _globals['_PUBLISHROUNDRESPONSE']._serialized_end=958
+  _globals['_FEDERATION']._serialized_start=961
+  _globals['_FEDERATION']._serialized_end=1129
 # @@protoc_insertion_point(module_scope)

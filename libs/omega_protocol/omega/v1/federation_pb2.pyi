@@ -51,6 +51,30 @@ class ExportPatternsRequest(_message.Message):
 Global___ExportPatternsRequest: _TypeAlias = ExportPatternsRequest  # noqa: Y015
 
 @_typing.final
+class ExportedModelUpdate(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_KEY_FIELD_NUMBER: _builtins.int
+    UPDATE_FIELD_NUMBER: _builtins.int
+    device_key: _builtins.str
+    """Opaque per-shard device key (not the device id)."""
+    @_builtins.property
+    def update(self) -> _patterns_pb2.ItemFactorUpdate: ...
+    def __init__(
+        self,
+        *,
+        device_key: _builtins.str = ...,
+        update: _patterns_pb2.ItemFactorUpdate | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["update", b"update"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_key", b"device_key", "update", b"update"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportedModelUpdate: _TypeAlias = ExportedModelUpdate  # noqa: Y015
+
+@_typing.final
 class ExportedPattern(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -83,6 +107,7 @@ class PatternBatch(_message.Message):
     CONTENT_VIEWS_FIELD_NUMBER: _builtins.int
     SHARD_ID_FIELD_NUMBER: _builtins.int
     GLOBAL_VERSION_FIELD_NUMBER: _builtins.int
+    MODEL_UPDATES_FIELD_NUMBER: _builtins.int
     watermark_ms: _builtins.int
     """Largest updated_at_ms in this and earlier batches: the next watermark."""
     shard_id: _builtins.str
@@ -94,6 +119,12 @@ class PatternBatch(_message.Message):
     def content_views(self) -> _containers.RepeatedCompositeFieldContainer[_patterns_pb2.ContentViewCount]:
         """Only on the last batch: view counts per content for the requested rounds."""
 
+    @_builtins.property
+    def model_updates(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExportedModelUpdate]:
+        """Devices' latest model updates (one per device over the whole stream), in batches after
+        the patterns.
+        """
+
     def __init__(
         self,
         *,
@@ -102,10 +133,11 @@ class PatternBatch(_message.Message):
         content_views: _abc.Iterable[_patterns_pb2.ContentViewCount] | None = ...,
         shard_id: _builtins.str = ...,
         global_version: _builtins.int = ...,
+        model_updates: _abc.Iterable[Global___ExportedModelUpdate] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_views", b"content_views", "global_version", b"global_version", "patterns", b"patterns", "shard_id", b"shard_id", "watermark_ms", b"watermark_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_views", b"content_views", "global_version", b"global_version", "model_updates", b"model_updates", "patterns", b"patterns", "shard_id", b"shard_id", "watermark_ms", b"watermark_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -121,15 +153,27 @@ class PublishRoundRequest(_message.Message):
     EPSILON_FIELD_NUMBER: _builtins.int
     CUMULATIVE_EPSILON_FIELD_NUMBER: _builtins.int
     DELTA_FIELD_NUMBER: _builtins.int
+    ITEM_FACTORS_FIELD_NUMBER: _builtins.int
+    FACTORS_FIELD_NUMBER: _builtins.int
+    NOISE_MULTIPLIER_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     epsilon: _builtins.float
     """Differential privacy spent by this round and by all rounds so far."""
     cumulative_epsilon: _builtins.float
     delta: _builtins.float
+    factors: _builtins.int
+    noise_multiplier: _builtins.float
+    """Noise multiplier of the round's Gaussian releases (0: no noise)."""
     @_builtins.property
     def patterns(self) -> _containers.RepeatedCompositeFieldContainer[_patterns_pb2.GlobalPattern]: ...
     @_builtins.property
     def trending(self) -> _containers.RepeatedCompositeFieldContainer[_patterns_pb2.TrendingContent]: ...
+    @_builtins.property
+    def item_factors(self) -> _containers.RepeatedCompositeFieldContainer[_patterns_pb2.ItemFactorRow]:
+        """The new item-factor model: every row that changed since the previous version (rows that
+        left the model have no factor). Empty when the round did not train the model.
+        """
+
     def __init__(
         self,
         *,
@@ -139,10 +183,13 @@ class PublishRoundRequest(_message.Message):
         epsilon: _builtins.float = ...,
         cumulative_epsilon: _builtins.float = ...,
         delta: _builtins.float = ...,
+        item_factors: _abc.Iterable[_patterns_pb2.ItemFactorRow] | None = ...,
+        factors: _builtins.int = ...,
+        noise_multiplier: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cumulative_epsilon", b"cumulative_epsilon", "delta", b"delta", "epsilon", b"epsilon", "patterns", b"patterns", "round", b"round", "trending", b"trending"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cumulative_epsilon", b"cumulative_epsilon", "delta", b"delta", "epsilon", b"epsilon", "factors", b"factors", "item_factors", b"item_factors", "noise_multiplier", b"noise_multiplier", "patterns", b"patterns", "round", b"round", "trending", b"trending"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17omega/v1/patterns.proto\x12\x08omega.v1\"d\n\tEmbedding\x12-\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x1b.omega.v1.EmbeddingEncoding\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\r\n\x05scale\x18\x03 \x01(\x02\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\x87\x01\n\x0ePatternContext\x12%\n\ttime_slot\x18\x01 \x01(\x0e\x32\x12.omega.v1.TimeSlot\x12#\n\x08\x64\x61y_type\x18\x02 \x01(\x0e\x32\x11.omega.v1.DayType\x12\x14\n\x0c\x63ontent_type\x18\x03 \x01(\t\x12\x13\n\x0bgenre_hints\x18\x04 \x03(\t\"\xd1\x01\n\x0eViewingPattern\x12\x12\n\npattern_id\x18\x01 \x01(\t\x12&\n\tembedding\x18\x02 \x01(\x0b\x32\x13.omega.v1.Embedding\x12\x14\n\x0csuccess_rate\x18\x03 \x01(\x02\x12\x14\n\x0csample_count\x18\x04 \x01(\r\x12)\n\x07\x63ontext\x18\x05 \x01(\x0b\x32\x18.omega.v1.PatternContext\x12\x15\n\rcreated_at_ms\x18\x06 \x01(\x03\x12\x15\n\rupdated_at_ms\x18\x07 \x01(\x03\"\x94\x01\n\rPatternUpdate\x12\x12\n\npattern_id\x18\x01 \x01(\t\x12\x14\n\x0csuccess_rate\x18\x02 \x01(\x02\x12\x1a\n\x12\x61\x64\x64itional_samples\x18\x03 \x01(\r\x12&\n\tembedding\x18\x04 \x01(\x0b\x32\x13.omega.v1.Embedding\x12\x15\n\rupdated_at_ms\x18\x05 \x01(\x03\"5\n\x10\x43ontentViewCount\x12\x12\n\ncontent_id\x18\x01 \x01(\t\x12\r\n\x05views\x18\x02 \x01(\r\"\xd2\x01\n\x0cPatternDelta\x12\'\n\x05\x61\x64\x64\x65\x64\x18\x01 \x03(\x0b\x32\x18.omega.v1.ViewingPattern\x12(\n\x07updated\x18\x02 \x03(\x0b\x32\x17.omega.v1.PatternUpdate\x12\x0f\n\x07removed\x18\x03 \x03(\t\x12\x31\n\rcontent_views\x18\x04 \x03(\x0b\x32\x1a.omega.v1.ContentViewCount\x12\x15\n\rlocal_version\x18\x05 \x01(\x04\x12\x14\n\x0c\x62\x61se_version\x18\x06 \x01(\x04\"\xc3\x01\n\rGlobalPattern\x12\x13\n\x0bpattern_key\x18\x01 \x01(\t\x12&\n\tembedding\x18\x02 \x01(\x0b\x32\x13.omega.v1.Embedding\x12\x0f\n\x07quality\x18\x03 \x01(\x02\x12\x14\n\x0csource_count\x18\x04 \x01(\r\x12)\n\x07\x63ontext\x18\x05 \x01(\x0b\x32\x18.omega.v1.PatternContext\x12\x14\n\x0csuccess_rate\x18\x06 \x01(\x02\x12\r\n\x05round\x18\x07 \x01(\x04\"4\n\x0fTrendingContent\x12\x12\n\ncontent_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"\x80\x01\n\x0eGlobalPatterns\x12)\n\x08patterns\x18\x01 \x03(\x0b\x32\x17.omega.v1.GlobalPattern\x12+\n\x08trending\x18\x02 \x03(\x0b\x32\x19.omega.v1.TrendingContent\x12\x16\n\x0eglobal_version\x18\x03 \x01(\x04*\x81\x01\n\x08TimeSlot\x12\x19\n\x15TIME_SLOT_UNSPECIFIED\x10\x00\x12\x15\n\x11TIME_SLOT_MORNING\x10\x01\x12\x17\n\x13TIME_SLOT_AFTERNOON\x10\x02\x12\x15\n\x11TIME_SLOT_EVENING\x10\x03\x12\x13\n\x0fTIME_SLOT_NIGHT\x10\x04*O\n\x07\x44\x61yType\x12\x18\n\x14\x44\x41Y_TYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x44\x41Y_TYPE_WEEKDAY\x10\x01\x12\x14\n\x10\x44\x41Y_TYPE_WEEKEND\x10\x02*\x94\x01\n\x11\x45mbeddingEncoding\x12\"\n\x1e\x45MBEDDING_ENCODING_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45MBEDDING_ENCODING_INT8\x10\x01\x12\x1e\n\x1a\x45MBEDDING_ENCODING_FLOAT16\x10\x02\x12\x1e\n\x1a\x45MBEDDING_ENCODING_FLOAT32\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17omega/v1/patterns.proto\x12\x08omega.v1\"d\n\tEmbedding\x12-\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x1b.omega.v1.EmbeddingEncoding\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\r\n\x05scale\x18\x03 \x01(\x02\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\x87\x01\n\x0ePatternContext\x12%\n\ttime_slot\x18\x01 \x01(\x0e\x32\x12.omega.v1.TimeSlot\x12#\n\x08\x64\x61y_type\x18\x02 \x01(\x0e\x32\x11.omega.v1.DayType\x12\x14\n\x0c\x63ontent_type\x18\x03 \x01(\t\x12\x13\n\x0bgenre_hints\x18\x04 \x03(\t\"\xd1\x01\n\x0eViewingPattern\x12\x12\n\npattern_id\x18\x01 \x01(\t\x12&\n\tembedding\x18\x02 \x01(\x0b\x32\x13.omega.v1.Embedding\x12\x14\n\x0csuccess_rate\x18\x03 \x01(\x02\x12\x14\n\x0csample_count\x18\x04 \x01(\r\x12)\n\x07\x63ontext\x18\x05 \x01(\x0b\x32\x18.omega.v1.PatternContext\x12\x15\n\rcreated_at_ms\x18\x06 \x01(\x03\x12\x15\n\rupdated_at_ms\x18\x07 \x01(\x03\"\x94\x01\n\rPatternUpdate\x12\x12\n\npattern_id\x18\x01 \x01(\t\x12\x14\n\x0csuccess_rate\x18\x02 \x01(\x02\x12\x1a\n\x12\x61\x64\x64itional_samples\x18\x03 \x01(\r\x12&\n\tembedding\x18\x04 \x01(\x0b\x32\x13.omega.v1.Embedding\x12\x15\n\rupdated_at_ms\x18\x05 \x01(\x03\"5\n\x10\x43ontentViewCount\x12\x12\n\ncontent_id\x18\x01 \x01(\t\x12\r\n\x05views\x18\x02 \x01(\r\"\x8c\x01\n\x10ItemFactorUpdate\x12\x15\n\rmodel_version\x18\x01 \x01(\x04\x12\x13\n\x0b\x63ontent_ids\x18\x02 \x03(\t\x12$\n\x07weights\x18\x03 \x01(\x0b\x32\x13.omega.v1.Embedding\x12&\n\tdirection\x18\x04 \x01(\x0b\x32\x13.omega.v1.Embedding\"\x84\x02\n\x0cPatternDelta\x12\'\n\x05\x61\x64\x64\x65\x64\x18\x01 \x03(\x0b\x32\x18.omega.v1.ViewingPattern\x12(\n\x07updated\x18\x02 \x03(\x0b\x32\x17.omega.v1.PatternUpdate\x12\x0f\n\x07removed\x18\x03 \x03(\t\x12\x31\n\rcontent_views\x18\x04 \x03(\x0b\x32\x1a.omega.v1.ContentViewCount\x12\x15\n\rlocal_version\x18\x05 \x01(\x04\x12\x14\n\x0c\x62\x61se_version\x18\x06 \x01(\x04\x12\x30\n\x0cmodel_update\x18\x07 \x01(\x0b\x32\x1a.omega.v1.ItemFactorUpdate\"\xc3\x01\n\rGlobalPattern\x12\x13\n\x0bpattern_key\x18\x01 \x01(\t\x12&\n\tembedding\x18\x02 \x01(\x0b\x32\x13.omega.v1.Embedding\x12\x0f\n\x07quality\x18\x03 \x01(\x02\x12\x14\n\x0csource_count\x18\x04 \x01(\r\x12)\n\x07\x63ontext\x18\x05 \x01(\x0b\x32\x18.omega.v1.PatternContext\x12\x14\n\x0csuccess_rate\x18\x06 \x01(\x02\x12\r\n\x05round\x18\x07 \x01(\x04\"_\n\rItemFactorRow\x12\x12\n\ncontent_id\x18\x01 \x01(\t\x12#\n\x06\x66\x61\x63tor\x18\x02 \x01(\x0b\x32\x13.omega.v1.Embedding\x12\x15\n\rmodel_version\x18\x03 \x01(\x04\"4\n\x0fTrendingContent\x12\x12\n\ncontent_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"\x80\x01\n\x0eGlobalPatterns\x12)\n\x08patterns\x18\x01 \x03(\x0b\x32\x17.omega.v1.GlobalPattern\x12+\n\x08trending\x18\x02 \x03(\x0b\x32\x19.omega.v1.TrendingContent\x12\x16\n\x0eglobal_version\x18\x03 \x01(\x04*\x81\x01\n\x08TimeSlot\x12\x19\n\x15TIME_SLOT_UNSPECIFIED\x10\x00\x12\x15\n\x11TIME_SLOT_MORNING\x10\x01\x12\x17\n\x13TIME_SLOT_AFTERNOON\x10\x02\x12\x15\n\x11TIME_SLOT_EVENING\x10\x03\x12\x13\n\x0fTIME_SLOT_NIGHT\x10\x04*O\n\x07\x44\x61yType\x12\x18\n\x14\x44\x41Y_TYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x44\x41Y_TYPE_WEEKDAY\x10\x01\x12\x14\n\x10\x44\x41Y_TYPE_WEEKEND\x10\x02*\x94\x01\n\x11\x45mbeddingEncoding\x12\"\n\x1e\x45MBEDDING_ENCODING_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45MBEDDING_ENCODING_INT8\x10\x01\x12\x1e\n\x1a\x45MBEDDING_ENCODING_FLOAT16\x10\x02\x12\x1e\n\x1a\x45MBEDDING_ENCODING_FLOAT32\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'omega.v1.patterns_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TIMESLOT']._serialized_start=1292
-  _globals['_TIMESLOT']._serialized_end=1421
-  _globals['_DAYTYPE']._serialized_start=1423
-  _globals['_DAYTYPE']._serialized_end=1502
-  _globals['_EMBEDDINGENCODING']._serialized_start=1505
-  _globals['_EMBEDDINGENCODING']._serialized_end=1653
+  _globals['_TIMESLOT']._serialized_start=1582
+  _globals['_TIMESLOT']._serialized_end=1711
+  _globals['_DAYTYPE']._serialized_start=1713
+  _globals['_DAYTYPE']._serialized_end=1792
+  _globals['_EMBEDDINGENCODING']._serialized_start=1795
+  _globals['_EMBEDDINGENCODING']._serialized_end=1943
   _globals['_EMBEDDING']._serialized_start=37
   _globals['_EMBEDDING']._serialized_end=137
   _globals['_PATTERNCONTEXT']._serialized_start=140
@@ -47,12 +47,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PATTERNUPDATE']._serialized_end=638
   _globals['_CONTENTVIEWCOUNT']._serialized_start=640
   _globals['_CONTENTVIEWCOUNT']._serialized_end=693
-  _globals['_PATTERNDELTA']._serialized_start=696
-  _globals['_PATTERNDELTA']._serialized_end=906
-  _globals['_GLOBALPATTERN']._serialized_start=909
-  _globals['_GLOBALPATTERN']._serialized_end=1104
-  _globals['_TRENDINGCONTENT']._serialized_start=1106
-  _globals['_TRENDINGCONTENT']._serialized_end=1158
-  _globals['_GLOBALPATTERNS']._serialized_start=1161
-  _globals['_GLOBALPATTERNS']._serialized_end=1289
+  _globals['_ITEMFACTORUPDATE']._serialized_start=696
+  _globals['_ITEMFACTORUPDATE']._serialized_end=836
+  _globals['_PATTERNDELTA']._serialized_start=839
+  _globals['_PATTERNDELTA']._serialized_end=1099
+  _globals['_GLOBALPATTERN']._serialized_start=1102
+  _globals['_GLOBALPATTERN']._serialized_end=1297
+  _globals['_ITEMFACTORROW']._serialized_start=1299
+  _globals['_ITEMFACTORROW']._serialized_end=1394
+  _globals['_TRENDINGCONTENT']._serialized_start=1396
+  _globals['_TRENDINGCONTENT']._serialized_end=1448
+  _globals['_GLOBALPATTERNS']._serialized_start=1451
+  _globals['_GLOBALPATTERNS']._serialized_end=1579
 # @@protoc_insertion_point(module_scope)

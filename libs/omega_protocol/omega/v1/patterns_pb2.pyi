@@ -258,6 +258,50 @@ class ContentViewCount(_message.Message):
 Global___ContentViewCount: _TypeAlias = ContentViewCount  # noqa: Y015
 
 @_typing.final
+class ItemFactorUpdate(_message.Message):
+    """A device's contribution to one federated round of the collaborative model (federated
+    subspace iteration, see omega_brain.collaborative): its preference weights over the catalog
+    items it watched and, once it has a model, the direction of its rank-one update to the item
+    factors. The update of the factor row of content_ids[j] is weights[j] * direction.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    CONTENT_IDS_FIELD_NUMBER: _builtins.int
+    WEIGHTS_FIELD_NUMBER: _builtins.int
+    DIRECTION_FIELD_NUMBER: _builtins.int
+    model_version: _builtins.int
+    """The model version the direction was computed against; 0 before the first model."""
+    @_builtins.property
+    def content_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Catalog content ids, distinct."""
+
+    @_builtins.property
+    def weights(self) -> Global___Embedding:
+        """One weight >= 0 per content id (dim = number of ids), L2 norm <= 1."""
+
+    @_builtins.property
+    def direction(self) -> Global___Embedding:
+        """The update direction (dim = the model's factor count); unset before the first model."""
+
+    def __init__(
+        self,
+        *,
+        model_version: _builtins.int = ...,
+        content_ids: _abc.Iterable[_builtins.str] | None = ...,
+        weights: Global___Embedding | None = ...,
+        direction: Global___Embedding | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["direction", b"direction", "weights", b"weights"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_ids", b"content_ids", "direction", b"direction", "model_version", b"model_version", "weights", b"weights"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ItemFactorUpdate: _TypeAlias = ItemFactorUpdate  # noqa: Y015
+
+@_typing.final
 class PatternDelta(_message.Message):
     """Everything a device learned since its last acknowledged version."""
 
@@ -269,6 +313,7 @@ class PatternDelta(_message.Message):
     CONTENT_VIEWS_FIELD_NUMBER: _builtins.int
     LOCAL_VERSION_FIELD_NUMBER: _builtins.int
     BASE_VERSION_FIELD_NUMBER: _builtins.int
+    MODEL_UPDATE_FIELD_NUMBER: _builtins.int
     local_version: _builtins.int
     """The device's local version after this delta."""
     base_version: _builtins.int
@@ -281,6 +326,10 @@ class PatternDelta(_message.Message):
     def removed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def content_views(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContentViewCount]: ...
+    @_builtins.property
+    def model_update(self) -> Global___ItemFactorUpdate:
+        """Set once per model version: the device's contribution to the next federated round."""
+
     def __init__(
         self,
         *,
@@ -290,10 +339,11 @@ class PatternDelta(_message.Message):
         content_views: _abc.Iterable[Global___ContentViewCount] | None = ...,
         local_version: _builtins.int = ...,
         base_version: _builtins.int = ...,
+        model_update: Global___ItemFactorUpdate | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model_update", b"model_update"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["added", b"added", "base_version", b"base_version", "content_views", b"content_views", "local_version", b"local_version", "removed", b"removed", "updated", b"updated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added", b"added", "base_version", b"base_version", "content_views", b"content_views", "local_version", b"local_version", "model_update", b"model_update", "removed", b"removed", "updated", b"updated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -341,6 +391,37 @@ class GlobalPattern(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GlobalPattern: _TypeAlias = GlobalPattern  # noqa: Y015
+
+@_typing.final
+class ItemFactorRow(_message.Message):
+    """One row of the global item-factor model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTENT_ID_FIELD_NUMBER: _builtins.int
+    FACTOR_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    content_id: _builtins.str
+    model_version: _builtins.int
+    """The model version that last changed this row."""
+    @_builtins.property
+    def factor(self) -> Global___Embedding:
+        """The item's factors (dim = the model's factor count); unset when the item left the model."""
+
+    def __init__(
+        self,
+        *,
+        content_id: _builtins.str = ...,
+        factor: Global___Embedding | None = ...,
+        model_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["factor", b"factor"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_id", b"content_id", "factor", b"factor", "model_version", b"model_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ItemFactorRow: _TypeAlias = ItemFactorRow  # noqa: Y015
 
 @_typing.final
 class TrendingContent(_message.Message):

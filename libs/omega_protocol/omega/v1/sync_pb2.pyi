@@ -114,6 +114,7 @@ class SyncPatternsResponse(_message.Message):
     DUPLICATE_FIELD_NUMBER: _builtins.int
     REDIRECT_SHARD_ID_FIELD_NUMBER: _builtins.int
     PATTERNS_STORED_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
     acknowledged_version: _builtins.int
     """Highest local version of the device the server has applied."""
     global_version: _builtins.int
@@ -122,6 +123,8 @@ class SyncPatternsResponse(_message.Message):
     redirect_shard_id: _builtins.str
     """Set when the device belongs to another shard: that shard's id. Nothing was applied."""
     patterns_stored: _builtins.int
+    model_version: _builtins.int
+    """The current version of the item-factor model (0: none yet); fetch changed rows with FetchModel."""
     @_builtins.property
     def global_patterns(self) -> Global___CompressedPayload:
         """A GlobalPatterns (empty when the device is current)."""
@@ -135,10 +138,11 @@ class SyncPatternsResponse(_message.Message):
         duplicate: _builtins.bool = ...,
         redirect_shard_id: _builtins.str = ...,
         patterns_stored: _builtins.int = ...,
+        model_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["global_patterns", b"global_patterns"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acknowledged_version", b"acknowledged_version", "duplicate", b"duplicate", "global_patterns", b"global_patterns", "global_version", b"global_version", "patterns_stored", b"patterns_stored", "redirect_shard_id", b"redirect_shard_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acknowledged_version", b"acknowledged_version", "duplicate", b"duplicate", "global_patterns", b"global_patterns", "global_version", b"global_version", "model_version", b"model_version", "patterns_stored", b"patterns_stored", "redirect_shard_id", b"redirect_shard_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -237,6 +241,65 @@ class FetchEmbeddingsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FetchEmbeddingsResponse: _TypeAlias = FetchEmbeddingsResponse  # noqa: Y015
+
+@_typing.final
+class FetchModelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SINCE_MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    since_model_version: _builtins.int
+    """Rows changed after this model version (0: the whole model)."""
+    page_size: _builtins.int
+    """At most this many rows per page (server caps it)."""
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        since_model_version: _builtins.int = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "since_model_version", b"since_model_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchModelRequest: _TypeAlias = FetchModelRequest  # noqa: Y015
+
+@_typing.final
+class FetchModelResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    FACTORS_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    model_version: _builtins.int
+    """The model version these rows belong to; every page of one fetch has the same."""
+    factors: _builtins.int
+    """Factors per item."""
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def rows(self) -> _containers.RepeatedCompositeFieldContainer[_patterns_pb2.ItemFactorRow]: ...
+    def __init__(
+        self,
+        *,
+        model_version: _builtins.int = ...,
+        factors: _builtins.int = ...,
+        rows: _abc.Iterable[_patterns_pb2.ItemFactorRow] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["factors", b"factors", "model_version", b"model_version", "next_page_token", b"next_page_token", "rows", b"rows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchModelResponse: _TypeAlias = FetchModelResponse  # noqa: Y015
 
 @_typing.final
 class ReportMetricsRequest(_message.Message):

@@ -45,6 +45,11 @@ class ConstellationSyncStub:
                 request_serializer=omega_dot_v1_dot_sync__pb2.FetchEmbeddingsRequest.SerializeToString,
                 response_deserializer=omega_dot_v1_dot_sync__pb2.FetchEmbeddingsResponse.FromString,
                 _registered_method=True)
+        self.FetchModel = channel.unary_unary(
+                '/omega.v1.ConstellationSync/FetchModel',
+                request_serializer=omega_dot_v1_dot_sync__pb2.FetchModelRequest.SerializeToString,
+                response_deserializer=omega_dot_v1_dot_sync__pb2.FetchModelResponse.FromString,
+                _registered_method=True)
         self.ReportMetrics = channel.unary_unary(
                 '/omega.v1.ConstellationSync/ReportMetrics',
                 request_serializer=omega_dot_v1_dot_sync__pb2.ReportMetricsRequest.SerializeToString,
@@ -70,6 +75,13 @@ class ConstellationSyncServicer:
 
     def FetchEmbeddings(self, request, context):
         """Catalog embeddings changed since a catalog version, or by ids; paged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchModel(self, request, context):
+        """Item-factor rows of the collaborative model changed since a model version; paged.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -101,6 +113,11 @@ def add_ConstellationSyncServicer_to_server(servicer, server):
                     servicer.FetchEmbeddings,
                     request_deserializer=omega_dot_v1_dot_sync__pb2.FetchEmbeddingsRequest.FromString,
                     response_serializer=omega_dot_v1_dot_sync__pb2.FetchEmbeddingsResponse.SerializeToString,
+            ),
+            'FetchModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.FetchModel,
+                    request_deserializer=omega_dot_v1_dot_sync__pb2.FetchModelRequest.FromString,
+                    response_serializer=omega_dot_v1_dot_sync__pb2.FetchModelResponse.SerializeToString,
             ),
             'ReportMetrics': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportMetrics,
@@ -168,6 +185,33 @@ class ConstellationSync:
             '/omega.v1.ConstellationSync/FetchEmbeddings',
             omega_dot_v1_dot_sync__pb2.FetchEmbeddingsRequest.SerializeToString,
             omega_dot_v1_dot_sync__pb2.FetchEmbeddingsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/omega.v1.ConstellationSync/FetchModel',
+            omega_dot_v1_dot_sync__pb2.FetchModelRequest.SerializeToString,
+            omega_dot_v1_dot_sync__pb2.FetchModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -37,6 +37,8 @@ class ConstellationSyncStub:
     """Push a pattern delta and pull global patterns newer than since_global_version."""
     FetchEmbeddings: _grpc.UnaryUnaryMultiCallable[_sync_pb2.FetchEmbeddingsRequest, _sync_pb2.FetchEmbeddingsResponse]
     """Catalog embeddings changed since a catalog version, or by ids; paged."""
+    FetchModel: _grpc.UnaryUnaryMultiCallable[_sync_pb2.FetchModelRequest, _sync_pb2.FetchModelResponse]
+    """Item-factor rows of the collaborative model changed since a model version; paged."""
     ReportMetrics: _grpc.UnaryUnaryMultiCallable[_sync_pb2.ReportMetricsRequest, _sync_pb2.ReportMetricsResponse]
     """Device health counters."""
     SearchContent: _grpc.UnaryUnaryMultiCallable[_sync_pb2.SearchContentRequest, _sync_pb2.SearchContentResponse]
@@ -51,6 +53,8 @@ class ConstellationSyncAsyncStub(ConstellationSyncStub):
     """Push a pattern delta and pull global patterns newer than since_global_version."""
     FetchEmbeddings: _aio.UnaryUnaryMultiCallable[_sync_pb2.FetchEmbeddingsRequest, _sync_pb2.FetchEmbeddingsResponse]  # type: ignore[assignment]
     """Catalog embeddings changed since a catalog version, or by ids; paged."""
+    FetchModel: _aio.UnaryUnaryMultiCallable[_sync_pb2.FetchModelRequest, _sync_pb2.FetchModelResponse]  # type: ignore[assignment]
+    """Item-factor rows of the collaborative model changed since a model version; paged."""
     ReportMetrics: _aio.UnaryUnaryMultiCallable[_sync_pb2.ReportMetricsRequest, _sync_pb2.ReportMetricsResponse]  # type: ignore[assignment]
     """Device health counters."""
     SearchContent: _aio.UnaryUnaryMultiCallable[_sync_pb2.SearchContentRequest, _sync_pb2.SearchContentResponse]  # type: ignore[assignment]
@@ -74,6 +78,14 @@ class ConstellationSyncServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_sync_pb2.FetchEmbeddingsResponse, _abc.Awaitable[_sync_pb2.FetchEmbeddingsResponse]]:
         """Catalog embeddings changed since a catalog version, or by ids; paged."""
+
+    @_abc_1.abstractmethod
+    def FetchModel(
+        self,
+        request: _sync_pb2.FetchModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sync_pb2.FetchModelResponse, _abc.Awaitable[_sync_pb2.FetchModelResponse]]:
+        """Item-factor rows of the collaborative model changed since a model version; paged."""
 
     @_abc_1.abstractmethod
     def ReportMetrics(
