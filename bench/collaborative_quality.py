@@ -24,201 +24,29 @@ tables. ``--quick`` searches a smaller grid with one seed (for a smoke run).
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
 import json
-import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
-
-from omega_brain.collaborative import (
-    InteractionWeights,
-    model_update,
-    preference_vector,
-    quality_weight,
-    score_items,
-    user_factor,
+from omega_data import load_movielens
+from omega_federation.accounting import RoundMechanism, epsilon_for
+from omega_simulator.inprocess import (
+    DELTA,
+    Config,
+    central_scores,
+    evaluate,
+    mean_metrics,
+    noise_for,
+    popularity_scores,
+    splits_of,
 )
-from omega_data import chronological_split, evaluate_rankings, load_movielens
-from omega_data.evaluation import UserSplit
-from omega_data.movielens import Rating
-from omega_federation.accounting import RoundMechanism, calibrate_noise_multiplier, epsilon_for
-from omega_federation.item_factors import (
-    UpdateAccumulator,
-    initial_item_factors,
-    orthonormalize,
-    top_items,
-)
-from omega_simulator.replay import completion_of
 
-DELTA = 1e-5
-"""Privacy delta per device over the whole run (issue 5: delta <= 1e-5)."""
 EPSILONS = (1.0, 2.0, 4.0, 8.0)
 """Cumulative epsilon budgets reported (plus no noise)."""
-
-
-@dataclass(frozen=True)
-class Config:
-    """One point of the hyper-parameter grid."""
-
-    factors: int = 16
-    active_items: int = 500
-    rounds: int = 2
-    partial: float = 0.5
-    failure: float = 0.0
-    trend_weight: float = 0.0
-    full_weight_at: float = 1.0
-
-
-@dataclass(frozen=True)
-class Part:
-    """One device's data for an evaluation: fit ratings (time order) and evaluated ratings."""
-
-    fit: list[Rating]
-    evaluated: list[Rating]
-
-
-class Dataset:
-    """Item positions and per-device preference vectors for one split."""
-
-    def __init__(self, parts: Sequence[Part], item_ids: Sequence[int]) -> None:
-        self.parts = list(parts)
-        self.position = {item: i for i, item in enumerate(item_ids)}
-        self.item_ids = list(item_ids)
-        self.n_items = len(item_ids)
-
-    def preferences(
-        self, weights: InteractionWeights
-    ) -> list[tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], float, int]]:
-        """Per device: (items, p, success rate, sample count) from its fit part."""
-        out = []
-        for part in self.parts:
-            pairs = [(self.position[r.item_id], completion_of(r.rating)) for r in part.fit]
-            items, p = preference_vector(pairs, weights)
-            successes = sum(r.rating >= 4 for r in part.fit)
-            out.append((items, p, successes / max(1, len(part.fit)), len(part.fit)))
-        return out
-
-    def view_matrix_rows(self) -> list[npt.NDArray[np.int64]]:
-        """Per device: positions of every item it viewed (any completion)."""
-        return [
-            np.unique(np.array([self.position[r.item_id] for r in p.fit], dtype=np.int64))
-            for p in self.parts
-        ]
-
-
-def evaluate(dataset: Dataset, scores: list[npt.NDArray[np.float32]]) -> dict[str, float]:
-    """The section-8 metrics of per-device score vectors (training items dropped)."""
-    rankings: dict[int, list[int]] = {}
-    splits = {}
-
-    for u, (part, s) in enumerate(zip(dataset.parts, scores, strict=True)):
-        s = s.copy()
-        seen = [dataset.position[r.item_id] for r in part.fit]
-        s[seen] = -np.inf
-        top = np.argpartition(-s, 20)[:20]
-        top = top[np.argsort(-s[top], kind="stable")]
-        rankings[u] = [dataset.item_ids[i] for i in top]
-        splits[u] = UserSplit(
-            user_id=u,
-            train=part.fit,
-            holdout=part.evaluated,
-            relevant=frozenset(r.item_id for r in part.evaluated if r.rating >= 4),
-        )
-    m = evaluate_rankings(rankings, splits, dataset.n_items)
-    return {
-        "users": m.users,
-        "precision_at_10": m.precision_at_10,
-        "recall_at_20": m.recall_at_20,
-        "ndcg_at_10": m.ndcg_at_10,
-        "coverage_at_10": m.coverage_at_10,
-    }
-
-
-def _normalized(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    top = float(np.max(np.abs(x))) if x.size else 0.0
-    return x / top if top > 0.0 else x
-
-
-def federated_scores(
-    dataset: Dataset, config: Config, noise_multiplier: float, seed: int
-) -> list[npt.NDArray[np.float32]]:
-    """Run round 0 (view counts) and ``config.rounds`` model rounds; score every device."""
-    rng = np.random.default_rng(seed)
-    weights = InteractionWeights(partial=config.partial, failure=config.failure)
-    prefs = dataset.preferences(weights)
-    # Round 0: per-item view counts, each device's 0/1 view vector clipped to L2 norm 1.
-    counts = np.zeros(dataset.n_items)
-    for viewed in dataset.view_matrix_rows():
-        if viewed.size:
-            counts[viewed] += 1.0 / math.sqrt(viewed.size)
-    if noise_multiplier > 0.0:
-        counts += rng.normal(0.0, noise_multiplier, size=counts.shape)
-    active = top_items(counts, config.active_items)
-    factors = initial_item_factors(dataset.n_items, active, config.factors, seed=seed)
-    for _ in range(config.rounds):
-        acc = UpdateAccumulator(active, dataset.n_items, config.factors, clipping_norm=1.0)
-        for items, p, rate, samples in prefs:
-            w = quality_weight(rate, samples, config.full_weight_at)
-            update = model_update(factors, items, p, clipping_norm=1.0, weight=w)
-            if update is not None:
-                acc.add(update.items, update.p, update.direction)
-        noisy = acc.noisy_sum(noise_multiplier, rng if noise_multiplier > 0.0 else None)
-        factors = np.zeros_like(factors)
-        factors[active] = orthonormalize(noisy)
-    prior = _normalized(counts)
-    scores = []
-    for items, p, _, _ in prefs:
-        s = score_items(factors, user_factor(factors, items, p)).astype(np.float64)
-        scores.append((_normalized(s) + config.trend_weight * prior).astype(np.float32))
-    return scores
-
-
-def central_scores(dataset: Dataset, config: Config) -> list[npt.NDArray[np.float32]]:
-    """The same model trained centrally: exact top-d eigenvectors of the training Gram matrix."""
-    weights = InteractionWeights(partial=config.partial, failure=config.failure)
-    prefs = dataset.preferences(weights)
-    gram = np.zeros((dataset.n_items, dataset.n_items))
-    for items, p, _, _ in prefs:
-        gram[np.ix_(items, items)] += np.outer(p, p)
-    _, vectors = np.linalg.eigh(gram)
-    factors = vectors[:, ::-1][:, : config.factors].astype(np.float32)
-    return [score_items(factors, user_factor(factors, items, p)) for items, p, _, _ in prefs]
-
-
-def popularity_scores(dataset: Dataset) -> list[npt.NDArray[np.float32]]:
-    """Count of fit ratings >= 4 per item (the section-8 popularity baseline)."""
-    counts = np.zeros(dataset.n_items, dtype=np.float32)
-    for part in dataset.parts:
-        for r in part.fit:
-            counts[dataset.position[r.item_id]] += r.rating >= 4
-    # Ties by ascending item id, as omega_data.popularity_rankings: a tiny decreasing offset.
-    counts -= np.arange(dataset.n_items, dtype=np.float32) * 1e-6
-    return [counts] * len(dataset.parts)
-
-
-def mean_metrics(
-    dataset: Dataset, config: Config, z: float, seeds: Sequence[int]
-) -> dict[str, float]:
-    """Metrics averaged over seeds (noise and the random start)."""
-    runs = [evaluate(dataset, federated_scores(dataset, config, z, s)) for s in seeds]
-    return {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
-
-
-@functools.cache
-def _calibrated(epsilon: float, releases: int) -> float:
-    return calibrate_noise_multiplier(epsilon, DELTA, rounds=releases)
-
-
-def noise_for(epsilon: float | None, config: Config) -> float:
-    """Noise multiplier of every release so that round 0 + T model rounds spend ``epsilon``."""
-    return 0.0 if epsilon is None else _calibrated(epsilon, config.rounds + 1)
 
 
 Grid = dict[str, list[Any]]
@@ -252,18 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     started = time.perf_counter()
 
-    ml = load_movielens()
-    item_ids = sorted(ml.items)
-    splits = chronological_split(ml)
-    test = Dataset([Part(s.train, s.holdout) for s in splits.values()], item_ids)
-    val_parts = []
-    for s in splits.values():
-        n_fit = max(1, math.floor(0.8 * len(s.train) + 1e-9))
-        val_parts.append(Part(s.train[:n_fit], s.train[n_fit:]))
-    validation = Dataset(val_parts, item_ids)
-
+    test, validation = splits_of(load_movielens())
     seeds = (0,) if args.quick else (0, 1, 2)
-    n_all = len(item_ids)
+    n_all = test.n_items
     exact_grid: Grid
     noisy_grid: Grid
     if args.quick:

@@ -2,7 +2,9 @@
 
 A `Brain` is safe to call from several threads (calls are serialized by a lock; the network
 part of `sync` runs outside it). Raw viewing history stays in the local store; only pattern
-deltas and per-content view counts are sent.
+deltas, per-content view counts and, once per collaborative-model version, the model update
+(preference weights over the items watched and one factor-sized direction, see
+`omega_brain.model`) are sent.
 """
 
 from __future__ import annotations
@@ -22,24 +24,36 @@ import numpy.typing as npt
 
 from omega.v1 import patterns_pb2, sync_pb2
 from omega_brain.catalog import CatalogIndex
+from omega_brain.collaborative import InteractionWeights, score_items, user_factor
 from omega_brain.config import BrainConfig
 from omega_brain.errors import (
     BrainError,
     CatalogError,
     InvalidArgumentError,
     InvalidEventError,
+    StoreError,
     SyncError,
     UnknownContentError,
 )
+from omega_brain.model import (
+    AlignedModel,
+    Preferences,
+    align_model,
+    build_model_update,
+    device_preferences,
+)
 from omega_brain.models import BrainStats, Recommendation, SyncResult, ViewingEvent
 from omega_brain.patterns import Outcome, PatternState, apply_event, classify, normalize
-from omega_brain.ranking import GlobalSet, blend_global, mmr
+from omega_brain.ranking import GlobalSet, blend_global, mmr, model_relevance, top_unexcluded
 from omega_brain.store import GlobalPatternRow, PatternRow, Store, StoredCatalog
 from omega_brain.transport import (
     FetchedCatalog,
+    FetchedModel,
+    FetchProgress,
     RetryOutcome,
     SyncTransport,
     call_with_retries,
+    download_model,
     fetch_catalog,
 )
 from omega_protocol import (
@@ -60,6 +74,8 @@ __all__ = ["Brain"]
 REASON_TRENDING = "trending"
 REASON_GLOBAL = "liked by similar viewers"
 REASON_HISTORY = "matches your viewing history"
+REASON_MODEL = "viewers with your taste watched this"
+REASON_DISCOVER = "something new to try"
 
 _UINT32_MAX = 2**32 - 1
 _LATENCY_WINDOW = 1024
@@ -84,6 +100,8 @@ class _Trends:
     positions: npt.NDArray[np.int64]
     scores: npt.NDArray[np.float32]
     by_position: dict[int, float]
+    dense: npt.NDArray[np.float32]
+    """(n_catalog,) float32: the normalized score of every catalog row (0: not trending)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +111,10 @@ class _Sent:
     local_version: int
     patterns: list[tuple[str, int]]
     views: dict[str, int]
+    model_update_version: int | None
+    """The model version of the carried ItemFactorUpdate, None when there was none."""
+    model_update_items: int = 0
+    """How many items the carried ItemFactorUpdate covered."""
 
 
 class Brain:
@@ -144,11 +166,19 @@ class Brain:
         self._global_count = 0
         self._trending: list[tuple[str, float]] = []
         self._trend_cache: _Trends | None = None
+        self._weights = InteractionWeights(
+            success_completion=self._config.success_completion,
+            failure_completion=self._config.failure_completion,
+        )
+        self._prefs_cache: Preferences | None = None
+        self._aligned_cache: tuple[AlignedModel | None] | None = None
         self._store = Store(self._config.store_path, device_id)
         try:
             self._state = self._store.state()
             self._patterns = self._store.patterns()
             self._watched = self._store.watched()
+            self._viewings = self._store.viewings()
+            self._model = self._store.model()
             self._catalog = catalog
             if catalog is None:
                 stored = self._store.catalog()
@@ -347,6 +377,8 @@ class Brain:
             self._patterns[bucket] = row
             self._state["local_version"] = version
             self._watched.add(content_id)
+            self._viewings.append((content_id, completion))
+            self._prefs_cache = None
 
     # ------------------------------------------------------------------ recommending
 
@@ -370,10 +402,20 @@ class Brain:
         order. Cold start: global patterns and trends; with neither local nor global patterns,
         trending items alone; with nothing at all, an empty list.
 
+        With the collaborative model (a fetched item-factor model ``V`` and a non-zero user
+        factor ``x = V_S^T p`` from all the device's viewings; ``use_global`` True), every
+        catalog item is scored instead: ``V x`` divided by its largest absolute value, items
+        the model does not know scored by content similarity to the query above (only the
+        ``k x candidate_multiplier`` nearest, scaled to at most ``model_cold_weight``), plus
+        ``model_trend_weight x trend`` (see `omega_brain.ranking.model_relevance`); watched
+        items are dropped, MMR re-ranks the ``k x candidate_multiplier`` best. Always ``k``
+        items when the catalog has ``k`` unwatched ones.
+
         Args:
             k: number of items wanted, >= 0.
             timestamp_ms: the moment (ms since epoch, UTC); default now.
-            use_global: False ignores global patterns and trends (local learning only).
+            use_global: False ignores global patterns, trends and the collaborative model
+                (local learning only).
             exclude_watched: drop content the device has observed.
 
         Returns:
@@ -413,18 +455,15 @@ class Brain:
         if catalog is None or len(catalog) == 0:
             return self._trending_without_catalog(k, watched) if use_global else []
         query = self._query(bucket, use_global)
+        if use_global:
+            with_model = self._recommend_with_model(k, catalog, query, trends, watched)
+            if with_model is not None:
+                return with_model
         if query is None:
             if trends is None or trends.positions.size == 0:
                 return []
             return self._trending_only(catalog, trends, k, watched)
-        mix = np.zeros(EMBEDDING_DIM, dtype=np.float32)
-        if query.local is not None:
-            mix += np.float32(query.local_weight) * query.local
-        if query.glob is not None:
-            mix += np.float32(query.global_weight) * query.glob
-        q = normalize(mix)
-        if not np.any(q):  # local and global exactly opposite: trust the viewer
-            q = query.local if query.local is not None else normalize(mix)
+        q = _query_vector(query)
         pool = self._candidates(catalog, q, k, watched)
         if trends is not None:
             extra = [
@@ -461,6 +500,67 @@ class Brain:
                 reasons = (query.local_reason if query.local is not None else REASON_GLOBAL,)
             cid = catalog.content_id_at(int(positions[i]))
             out.append(Recommendation(cid, float(relevance[i]), reasons))
+        return out
+
+    def _recommend_with_model(
+        self,
+        k: int,
+        catalog: CatalogIndex,
+        query: _Query | None,
+        trends: _Trends | None,
+        watched: set[str],
+    ) -> list[Recommendation] | None:
+        """Whole-catalog ranking with the collaborative model; None without a model or with
+        a zero user factor (the caller then ranks as without a model)."""
+        cfg = self._config
+        model = self._aligned_model()
+        prefs = self._preferences()
+        if model is None or prefs is None or prefs.items.size == 0:
+            return None
+        x = user_factor(model.matrix, prefs.items, prefs.p)
+        if not np.any(x):
+            return None
+        cold_positions: npt.NDArray[np.int64] | None = None
+        cold_similarity: npt.NDArray[np.float32] | None = None
+        if query is not None and cfg.model_cold_weight > 0.0:
+            q = _query_vector(query)
+            pool = self._candidates(catalog, q, k, watched)
+            cold_positions = np.fromiter(pool, dtype=np.int64, count=len(pool))
+            cold_similarity = catalog.vectors(cold_positions) @ q
+        scored = model_relevance(
+            score_items(model.matrix, x),
+            model.known,
+            trend=trends.dense if trends is not None else None,
+            trend_weight=cfg.model_trend_weight,
+            cold_positions=cold_positions,
+            cold_similarity=cold_similarity,
+            cold_weight=cfg.model_cold_weight,
+        )
+        excluded = np.zeros(len(catalog), dtype=bool)
+        if watched:
+            excluded[[catalog.position_of(c) for c in watched if c in catalog]] = True
+        positions = top_unexcluded(scored.total, excluded, max(k * cfg.candidate_multiplier, k))
+        if positions.size == 0:
+            return []
+        vectors = catalog.vectors(positions)
+        order = mmr(vectors, scored.total[positions], k, cfg.mmr_lambda)
+        content_reason = REASON_GLOBAL
+        if query is not None and query.local is not None:
+            content_reason = query.local_reason
+        out: list[Recommendation] = []
+        for i in order:
+            p = int(positions[i])
+            parts = (
+                (float(scored.model[p]), REASON_MODEL),
+                (float(scored.content[p]), content_reason),
+                (float(scored.trend[p]), REASON_TRENDING),
+            )
+            reasons = tuple(r for c, r in sorted(parts, key=lambda t: -t[0]) if c > 0)
+            out.append(
+                Recommendation(
+                    catalog.content_id_at(p), float(scored.total[p]), reasons or (REASON_DISCOVER,)
+                )
+            )
         return out
 
     def _query(self, bucket: ContextBucket, use_global: bool) -> _Query | None:
@@ -584,6 +684,15 @@ class Brain:
         A reply with ``redirect_shard_id`` is not applied: the result has ``ok=False`` and
         ``redirect_shard_id`` set, and the caller re-routes (e.g. a new transport).
 
+        Collaborative model: once per model version (0 included: a device without a model
+        still sends its weights once, for the fleet's per-item counts) the delta carries the
+        device's ``ItemFactorUpdate`` built from all its viewings (`build_model_update`); it
+        counts as sent only when the delta is acknowledged. When a successful reply names a
+        model version above the device's, the rows changed since are fetched (FetchModel,
+        paged, same retries) and applied in one transaction; a failed fetch leaves the sync
+        successful (``model_error`` says why) and is tried again at the next sync. Model bytes
+        are counted in ``model_bytes_down``, not ``bytes_down``.
+
         Returns:
             What happened; network and server failures give ``ok=False`` and ``error``.
 
@@ -611,20 +720,38 @@ class Brain:
             except SyncError as exc:
                 code = f" [{exc.code.name}]" if exc.code is not None else ""
                 message = f"{exc}{code} after {outcome.attempts} attempt(s)"
-                return self._sync_failed(request, outcome, patterns_sent, message, 0, None)
+                return self._sync_failed(request, sent, outcome, patterns_sent, message, 0, None)
             if not isinstance(response, sync_pb2.SyncPatternsResponse):
                 return self._sync_failed(
-                    request, outcome, patterns_sent, "transport returned a non-response", 0, None
+                    request,
+                    sent,
+                    outcome,
+                    patterns_sent,
+                    "transport returned a non-response",
+                    0,
+                    None,
                 )
             bytes_down = response.ByteSize()
             if response.redirect_shard_id:
                 message = f"device belongs to shard {response.redirect_shard_id!r}"
                 return self._sync_failed(
-                    request, outcome, patterns_sent, message, bytes_down, response.redirect_shard_id
+                    request,
+                    sent,
+                    outcome,
+                    patterns_sent,
+                    message,
+                    bytes_down,
+                    response.redirect_shard_id,
                 )
             with self._lock:
                 self._check_open()
                 received, error = self._apply_response(sent, response)
+                since_model = self._state["model_version"]
+            fetched_rows, model_bytes, model_error = 0, 0, None
+            if error is None and int(response.model_version) > since_model:
+                fetched_rows, model_bytes, model_error = self._update_model(transport, since_model)
+            with self._lock:
+                self._check_open()
                 return SyncResult(
                     ok=error is None,
                     attempts=outcome.attempts,
@@ -637,13 +764,89 @@ class Brain:
                     global_patterns_received=received,
                     error=error,
                     server_pattern_count=response.patterns_stored,
+                    model_version=self._state["model_version"],
+                    model_update_sent=sent.model_update_version is not None,
+                    model_rows_received=fetched_rows,
+                    model_bytes_down=model_bytes,
+                    model_error=model_error,
                 )
+
+    def _update_model(self, transport: SyncTransport, since: int) -> tuple[int, int, str | None]:
+        """Fetch and apply the model rows changed since ``since`` (called in `sync`, without
+        the brain lock); returns (rows applied, bytes received, error or None).
+
+        A fetch answering another factor count than the stored model's cannot be applied as
+        a change: the whole model is fetched again and replaces it.
+        """
+        cfg = self._config
+        progress = FetchProgress()
+
+        def fetch(since_version: int) -> FetchedModel:
+            return download_model(
+                transport,
+                since_model_version=since_version,
+                page_size=cfg.model_page_size,
+                timeout_seconds=cfg.timeout_seconds,
+                max_attempts=cfg.max_attempts,
+                base_backoff_seconds=cfg.base_backoff_seconds,
+                max_backoff_seconds=cfg.max_backoff_seconds,
+                rng=self._rng,
+                progress=progress,
+            )
+
+        rows = 0
+        error: str | None = None
+        try:
+            fetched = fetch(since)
+            if since > 0 and fetched.factors not in (0, self._state["model_factors"]):
+                fetched = fetch(0)
+            with self._lock:
+                self._check_open()
+                rows = self._apply_model(fetched)
+        except SyncError as exc:  # also a transport without fetch_model (wrapped as one)
+            code = f" [{exc.code.name}]" if exc.code is not None else ""
+            error = f"model not updated: {exc}{code}"
+        except StoreError as exc:  # rolled back; the sync's own writes are already committed
+            error = f"model not updated: {exc}"
+        with self._lock:
+            if not self._closed and progress.bytes_down:
+                total = self._state["model_bytes_down"] + progress.bytes_down
+                self._store.set_state({"model_bytes_down": total})
+                self._state["model_bytes_down"] = total
+        return rows, progress.bytes_down, error
+
+    def _apply_model(self, fetched: FetchedModel) -> int:
+        """Store fetched rows in one transaction and refresh the in-memory model.
+
+        Returns:
+            The number of rows applied (0 when the fetch is not newer than the stored model).
+        """
+        if fetched.model_version <= self._state["model_version"]:
+            return 0  # the server's model is not newer (e.g. a lagging replica)
+        updates = {"model_version": fetched.model_version}
+        if fetched.factors:
+            updates["model_factors"] = fetched.factors
+        with self._store.transaction():
+            self._store.apply_model_rows(fetched.rows, replace=fetched.since_model_version == 0)
+            self._store.set_state(updates)
+        self._state.update(updates)
+        self._model = self._store.model()
+        self._aligned_cache = None
+        return len(fetched.rows)
 
     def _build_request(self) -> tuple[sync_pb2.SyncPatternsRequest, _Sent]:
         acked_version = self._state["acked_version"]
+        model_update = self._model_update()
+        if model_update is not None and self._state["local_version"] <= acked_version:
+            # The shard skips a delta whose local version it has applied (a retry), so a
+            # model update with no new viewing needs a version of its own.
+            self._store.set_state({"local_version": acked_version + 1})
+            self._state["local_version"] = acked_version + 1
         local_version = self._state["local_version"]
         acked = self._store.acked()
         delta = patterns_pb2.PatternDelta(local_version=local_version, base_version=acked_version)
+        if model_update is not None:
+            delta.model_update.CopyFrom(model_update)
         sent_patterns: list[tuple[str, int]] = []
         for bucket in sorted(self._patterns):
             row = self._patterns[bucket]
@@ -688,7 +891,28 @@ class Brain:
             since_global_version=self._state["global_version"],
             delta=payload,
         )
-        return request, _Sent(local_version, sent_patterns, views)
+        sent_model = self._state["model_version"] if model_update is not None else None
+        sent_items = len(model_update.content_ids) if model_update is not None else 0
+        return request, _Sent(local_version, sent_patterns, views, sent_model, sent_items)
+
+    def _model_update(self) -> patterns_pb2.ItemFactorUpdate | None:
+        """The device's ItemFactorUpdate, when it has one to send.
+
+        Once per model version (-1: never sent; 0, no model yet, counts as a version), and
+        again at the same version each time the device's history has doubled since the last
+        acknowledged contribution (the shard keeps the latest, so the next round sees the
+        device's whole history at the cost of about twice the bytes of one contribution).
+        """
+        version = self._state["model_version"]
+        prefs = self._preferences()
+        if prefs is None or self._catalog is None:
+            return None
+        sent_items = self._state["model_update_items"]
+        if self._state["model_update_version"] >= version and prefs.items.size < 2 * max(
+            1, sent_items
+        ):
+            return None
+        return build_model_update(prefs, self._catalog, self._aligned_model(), version)
 
     def _apply_response(
         self, sent: _Sent, response: sync_pb2.SyncPatternsResponse
@@ -718,6 +942,9 @@ class Brain:
                 self._store.mark_acked(sent.patterns, sent.local_version)
                 self._store.subtract_views(sent.views)
                 updates["acked_version"] = sent.local_version
+                if sent.model_update_version is not None:
+                    updates["model_update_version"] = sent.model_update_version
+                    updates["model_update_items"] = sent.model_update_items
                 if ack > self._state["local_version"]:
                     updates["local_version"] = ack
             else:
@@ -728,6 +955,8 @@ class Brain:
                 if ack < self._state["acked_version"]:
                     self._store.clear_acked()
                     updates["acked_version"] = 0
+                    updates["model_update_version"] = -1  # send it again with the rest
+                    updates["model_update_items"] = 0
             if payload_ok:
                 if rows:
                     self._store.replace_global_patterns(rows)
@@ -747,6 +976,7 @@ class Brain:
     def _sync_failed(
         self,
         request: sync_pb2.SyncPatternsRequest,
+        sent: _Sent,
         outcome: RetryOutcome,
         patterns_sent: int,
         error: str,
@@ -770,6 +1000,8 @@ class Brain:
                 global_patterns_received=0,
                 error=error,
                 redirect_shard_id=redirect,
+                model_version=self._state["model_version"],
+                model_update_sent=sent.model_update_version is not None,
             )
 
     # ------------------------------------------------------------------ stats & lifecycle
@@ -810,6 +1042,9 @@ class Brain:
                 recommend_p50_ms=p50,
                 recommend_p99_ms=p99,
                 store_bytes=self._store.size_bytes(),
+                model_version=self._state["model_version"],
+                model_items=len(self._model.content_ids),
+                model_bytes_down=self._state["model_bytes_down"],
             )
 
     def close(self) -> None:
@@ -868,6 +1103,24 @@ class Brain:
         self._catalog = index
         self._owns_catalog = True
         self._trend_cache = None
+        self._prefs_cache = None
+        self._aligned_cache = None
+
+    def _aligned_model(self) -> AlignedModel | None:
+        """The model laid over the current catalog (cached), or None without either."""
+        if self._aligned_cache is None:
+            catalog = self._catalog
+            aligned = align_model(self._model, catalog) if catalog is not None else None
+            self._aligned_cache = (aligned,)
+        return self._aligned_cache[0]
+
+    def _preferences(self) -> Preferences | None:
+        """The device's preferences over the current catalog (cached), None without one."""
+        if self._catalog is None:
+            return None
+        if self._prefs_cache is None:
+            self._prefs_cache = device_preferences(self._viewings, self._catalog, self._weights)
+        return self._prefs_cache
 
     def _reload_global(self) -> None:
         """Rebuild the in-memory global-pattern and trending caches from the store."""
@@ -896,12 +1149,28 @@ class Brain:
             peak = max((s for _, s in items), default=1.0)
             positions = np.array([p for p, _ in items], dtype=np.int64)
             scores = np.array([s / peak for _, s in items], dtype=np.float32)
+            dense = np.zeros(len(catalog) if catalog is not None else 0, dtype=np.float32)
+            dense[positions] = scores
             self._trend_cache = _Trends(
                 positions,
                 scores,
                 {int(p): float(s) for p, s in zip(positions, scores, strict=True)},
+                dense,
             )
         return self._trend_cache
+
+
+def _query_vector(query: _Query) -> npt.NDArray[np.float32]:
+    """The (384,) unit pattern query: local and global parts mixed by their weights."""
+    mix = np.zeros(EMBEDDING_DIM, dtype=np.float32)
+    if query.local is not None:
+        mix += np.float32(query.local_weight) * query.local
+    if query.glob is not None:
+        mix += np.float32(query.global_weight) * query.glob
+    q = normalize(mix)
+    if not np.any(q):  # local and global exactly opposite: trust the viewer
+        q = query.local if query.local is not None else normalize(mix)
+    return q
 
 
 def _validate_event(event: object) -> tuple[str, int, float, float]:

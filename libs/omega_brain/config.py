@@ -41,7 +41,8 @@ class BrainConfig:
     """Catalogs up to this size use an exact flat inner-product index (see `CatalogIndex`)."""
 
     candidate_multiplier: int = 5
-    """recommend() asks the index for k * this many candidates (plus the watched count)."""
+    """recommend() asks the index for k * this many candidates (plus the watched count); with
+    the collaborative model, MMR re-ranks the k * this many best-scored unwatched items."""
     local_weight: float = 1.0
     """Weight of the device's own pattern in the query (scaled by its success rate)."""
     global_weight: float = 0.5
@@ -57,6 +58,22 @@ class BrainConfig:
     """
     mmr_lambda: float = 0.7
     """MMR trade-off: 1.0 ranks by relevance only, lower values favour diversity."""
+    model_trend_weight: float = 0.0
+    """With the collaborative model: weight of the trending score (normalized to [0, 1]) added
+    to the model score (normalized to a maximum of 1).
+
+    0 as chosen by the validation search of ``bench/collaborative_quality.py`` (from {0, 0.2})
+    at epsilon 8; without a model, `trend_weight` applies as before.
+    """
+    model_cold_weight: float = 0.5
+    """With the collaborative model: the best item the model does not know scores this, the
+    others in proportion to their content similarity to the pattern query (see
+    `omega_brain.ranking.model_relevance`), so new items can still be recommended. 0 leaves
+    them out. Not tuned (the MovieLens bench has no cold items); 0.5 puts the best cold item
+    with the known items the model scores at half the device's best.
+    """
+    model_page_size: int = 1000
+    """Item-factor rows per FetchModel page."""
 
     max_attempts: int = 4
     """sync(): attempts per call, including the first."""
@@ -96,6 +113,9 @@ class BrainConfig:
         _check_int("global_top_n", self.global_top_n, 1, 1000)
         _check_range("trend_weight", self.trend_weight, 0.0, 1e6)
         _check_range("mmr_lambda", self.mmr_lambda, 0.0, 1.0)
+        _check_range("model_trend_weight", self.model_trend_weight, 0.0, 1e6)
+        _check_range("model_cold_weight", self.model_cold_weight, 0.0, 1e6)
+        _check_int("model_page_size", self.model_page_size, 1, 100_000)
         _check_int("max_attempts", self.max_attempts, 1, 100)
         _check_range("base_backoff_seconds", self.base_backoff_seconds, 0.0, 3600.0)
         _check_range("max_backoff_seconds", self.max_backoff_seconds, 0.0, 3600.0)

@@ -33,8 +33,10 @@ class Recommendation:
     Attributes:
         content_id: catalog id.
         score: relevance: cosine similarity to the query plus the trend bonus (or the
-            normalized trending score alone on a trending-only cold start). The list is in
-            MMR order, which may differ slightly from score order.
+            normalized trending score alone on a trending-only cold start); with the
+            collaborative model, the model score normalized to a maximum of 1 (the scaled
+            content similarity for items the model does not know) plus the trend bonus. The
+            list is in MMR order, which may differ slightly from score order.
         reasons: why, strongest first, e.g. ``("matches your evening/weekend viewing",
             "trending")``; never empty.
     """
@@ -63,6 +65,14 @@ class SyncResult:
             nothing was applied and the caller should sync with that shard instead.
         server_pattern_count: patterns the shard stores for this device after the call (only
             those above its quality threshold); 0 when no reply was applied.
+        model_version: the brain's collaborative-model version after the call (0: none).
+        model_update_sent: the request carried the device's model update (``ItemFactorUpdate``);
+            it counts as delivered only when ``ok``.
+        model_rows_received: item-factor rows applied from FetchModel during the call.
+        model_bytes_down: serialized size of the FetchModel replies received during the call,
+            in bytes (not included in ``bytes_down``).
+        model_error: why fetching the model failed (the sync itself still succeeded; the
+            fetch is tried again at the next sync), else None.
     """
 
     ok: bool
@@ -77,6 +87,11 @@ class SyncResult:
     error: str | None = None
     redirect_shard_id: str | None = None
     server_pattern_count: int = 0
+    model_version: int = 0
+    model_update_sent: bool = False
+    model_rows_received: int = 0
+    model_bytes_down: int = 0
+    model_error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +117,9 @@ class BrainStats:
         recommend_p50_ms: median recommend() latency over the last 1024 calls, in ms.
         recommend_p99_ms: 99th percentile of the same, in ms.
         store_bytes: size of the SQLite database plus its WAL, in bytes.
+        model_version: version of the collaborative model (0: none).
+        model_items: items the model has rows for (some may not be in the catalog).
+        model_bytes_down: bytes of every FetchModel reply received (persisted).
     """
 
     device_id: str
@@ -122,6 +140,9 @@ class BrainStats:
     recommend_p50_ms: float
     recommend_p99_ms: float
     store_bytes: int
+    model_version: int = 0
+    model_items: int = 0
+    model_bytes_down: int = 0
 
     def to_proto(self) -> events_pb2.DeviceMetrics:
         """The counters as an `omega.v1.DeviceMetrics` for ``ReportMetrics``."""

@@ -1,4 +1,5 @@
-"""Pure ranking helpers for `Brain.recommend`: global-pattern blending and MMR re-ranking."""
+"""Pure ranking helpers for `Brain.recommend`: global-pattern blending, whole-catalog scores
+with the collaborative model, top-candidate selection and MMR re-ranking."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ import numpy.typing as npt
 
 from omega_brain.patterns import normalize
 
-__all__ = ["GlobalSet", "blend_global", "mmr"]
+__all__ = [
+    "GlobalSet",
+    "ModelRelevance",
+    "blend_global",
+    "mmr",
+    "model_relevance",
+    "top_unexcluded",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,3 +125,102 @@ def mmr(
         taken[best] = True
         max_sim = np.maximum(max_sim, vectors @ vectors[best])
     return picked
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRelevance:
+    """Relevance of every catalog item with the collaborative model, and its parts.
+
+    Attributes:
+        total: (n,) float32, ``model + content + trend``.
+        model: (n,) float32, ``V x`` divided by its largest absolute value (0 where the model
+            does not know the item).
+        content: (n,) float32, the content part of items the model does not know (0 elsewhere).
+        trend: (n,) float32, ``trend_weight x`` the trending score normalized to [0, 1].
+    """
+
+    total: npt.NDArray[np.float32]
+    model: npt.NDArray[np.float32]
+    content: npt.NDArray[np.float32]
+    trend: npt.NDArray[np.float32]
+
+
+def _max_abs_normalized(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    top = float(np.max(np.abs(x))) if x.size else 0.0
+    return (x / np.float32(top)).astype(np.float32) if top > 0.0 else x.astype(np.float32)
+
+
+def model_relevance(
+    scores: npt.NDArray[np.float32],
+    known: npt.NDArray[np.bool_],
+    *,
+    trend: npt.NDArray[np.float32] | None,
+    trend_weight: float,
+    cold_positions: npt.NDArray[np.int64] | None = None,
+    cold_similarity: npt.NDArray[np.float32] | None = None,
+    cold_weight: float = 0.0,
+) -> ModelRelevance:
+    """Score every catalog item: ``norm(V x) + trend_weight x norm(trend)``, cold items by content.
+
+    ``norm`` divides by the largest absolute value, so the model part is in [-1, 1] with the
+    device's best item at 1 whatever the scale of ``V`` and ``x``. Items the model does not
+    know get no model score; those among ``cold_positions`` (the content-similarity candidates
+    of the pattern query) with a positive similarity get ``cold_weight x similarity / (largest
+    such similarity)``, in (0, cold_weight], so the best cold item ranks like a known item
+    with ``cold_weight`` of the best model score. Every other item has only its trend part.
+
+    Args:
+        scores: (n,) float32 ``V x`` (`score_items`).
+        known: (n,) bool, items the model knows.
+        trend: (n,) float32 trending scores normalized to [0, 1], or None.
+        trend_weight: weight of the trend, >= 0.
+        cold_positions: (c,) int64 catalog positions with a content similarity, or None.
+        cold_similarity: (c,) float32 their cosine similarity to the pattern query.
+        cold_weight: weight of the content part, >= 0.
+
+    Returns:
+        The relevance and its parts, each (n,) float32.
+    """
+    n = int(scores.shape[0])
+    model = np.where(known, _max_abs_normalized(scores), np.float32(0.0)).astype(np.float32)
+    content = np.zeros(n, dtype=np.float32)
+    if cold_positions is not None and cold_similarity is not None and cold_positions.size:
+        usable = ~known[cold_positions] & (cold_similarity > 0.0)
+        if usable.any():
+            sims = cold_similarity[usable]
+            content[cold_positions[usable]] = np.float32(cold_weight) * sims / sims.max()
+    trend_part = (
+        np.float32(trend_weight) * trend.astype(np.float32)
+        if trend is not None and trend_weight > 0.0
+        else np.zeros(n, dtype=np.float32)
+    )
+    return ModelRelevance(model + content + trend_part, model, content, trend_part)
+
+
+def top_unexcluded(
+    relevance: npt.NDArray[np.float32], excluded: npt.NDArray[np.bool_], count: int
+) -> npt.NDArray[np.int64]:
+    """The ``count`` most relevant positions not excluded, best first (ties: lowest position).
+
+    One ``argpartition`` over the catalog, then a sort of the ``count`` kept.
+
+    Args:
+        relevance: (n,) float32.
+        excluded: (n,) bool, positions never returned.
+        count: how many, >= 0 (capped at the number not excluded).
+
+    Returns:
+        (min(count, n - excluded),) int64 positions.
+    """
+    allowed = np.flatnonzero(~excluded)
+    if count <= 0 or allowed.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    values = relevance[allowed]
+    if count < allowed.size:
+        threshold = -np.partition(-values, count - 1)[count - 1]  # the count-th largest value
+        above = np.flatnonzero(values > threshold)
+        ties = np.flatnonzero(values == threshold)[: count - above.size]  # lowest positions
+        keep = np.concatenate([above, ties])
+        allowed, values = allowed[keep], values[keep]
+    order = np.lexsort((allowed, -values))
+    return allowed[order].astype(np.int64)

@@ -10,7 +10,12 @@ Schema (``PRAGMA user_version`` = `SCHEMA_VERSION`):
 
 * ``meta(key TEXT PK, value TEXT)``: ``device_id`` the store belongs to.
 * ``sync_state(key TEXT PK, value INTEGER)``: ``local_version``, ``acked_version``,
-  ``global_version``, ``catalog_version``, ``syncs_ok``, ``syncs_failed``.
+  ``global_version``, ``catalog_version``, ``syncs_ok``, ``syncs_failed``; and for the
+  collaborative model ``model_version`` (0: no model), ``model_factors`` (factors per row, 0
+  without a model), ``model_update_version`` (model version of the last acknowledged
+  ``ItemFactorUpdate``; -1 before the first), ``model_update_items`` (items it covered) and
+  ``model_bytes_down`` (bytes of every
+  FetchModel reply received).
 * ``events(id INTEGER PK, content_id, started_at_ms, completion, watch_seconds, bucket,
   outcome, local_version)``: raw viewing history; never leaves the device.
 * ``patterns(bucket INTEGER PK, pattern_id UNIQUE, embedding BLOB NULL, successes, failures,
@@ -29,6 +34,16 @@ Schema (``PRAGMA user_version`` = `SCHEMA_VERSION`):
   source_count, round)``: federated patterns; ``bucket`` -1 means "no context: every bucket";
   ``embedding`` is float32 like ``patterns``.
 * ``trending(content_id TEXT PK, score REAL)``: the last trending list received.
+* ``model_rows(content_id TEXT PK, factor BLOB, scale REAL, model_version)``: the item-factor
+  model of federated collaborative filtering, one row per item it knows (content ids the
+  catalog lacks are kept: a later catalog may have them); ``factor`` is ``model_factors`` int8
+  codes, the factor being ``codes * scale`` (the wire's symmetric int8 quantization, so a
+  stored row equals the row received, up to float rounding of the scale); ``model_version`` is
+  the version that last changed it.
+
+Migrations: every statement of the schema is ``CREATE TABLE IF NOT EXISTS`` and state keys are
+``INSERT OR IGNORE``d with their defaults, so opening a store of an older schema adds what it
+lacks and sets ``user_version``. Version 2 added ``model_rows`` and the ``model_*`` state keys.
 
 The events table grows by one small row per viewing (about 60 bytes: 10 viewings a day for ten
 years is about 2 MB), so it is not pruned.
@@ -49,7 +64,7 @@ import numpy.typing as npt
 
 from omega_brain.errors import StoreError
 from omega_brain.patterns import PatternState
-from omega_protocol import EMBEDDING_DIM
+from omega_protocol import EMBEDDING_DIM, quantize_int8
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -58,9 +73,10 @@ __all__ = [
     "PatternRow",
     "Store",
     "StoredCatalog",
+    "StoredModel",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 STATE_KEYS = (
     "local_version",
@@ -69,7 +85,15 @@ STATE_KEYS = (
     "catalog_version",
     "syncs_ok",
     "syncs_failed",
+    "model_version",
+    "model_factors",
+    "model_update_version",
+    "model_update_items",
+    "model_bytes_down",
 )
+
+_STATE_DEFAULTS = {"model_update_version": -1}
+"""Initial value of state keys that do not start at 0."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -123,6 +147,12 @@ CREATE TABLE IF NOT EXISTS global_patterns (
     round INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS trending (content_id TEXT PRIMARY KEY, score REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS model_rows (
+    content_id TEXT PRIMARY KEY,
+    factor BLOB NOT NULL,
+    scale REAL NOT NULL,
+    model_version INTEGER NOT NULL
+);
 """
 
 _F32 = np.dtype("<f4")
@@ -163,6 +193,23 @@ class StoredCatalog:
     embeddings: npt.NDArray[np.float32]
     titles: list[str]
     genres: list[list[str]]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredModel:
+    """The persisted item-factor model.
+
+    Attributes:
+        version: model version (0: no model).
+        factors: factors per item (0 without rows).
+        content_ids: (m,) ids of the items the model knows, in content id order.
+        rows: (m, factors) float32 item factors, row i for ``content_ids[i]``.
+    """
+
+    version: int
+    factors: int
+    content_ids: tuple[str, ...]
+    rows: npt.NDArray[np.float32]
 
 
 class Store:
@@ -216,8 +263,8 @@ class Store:
                         f"store {self._path!r} belongs to device {row[0]!r}, not {device_id!r}"
                     )
                 self._conn.executemany(
-                    "INSERT OR IGNORE INTO sync_state (key, value) VALUES (?, 0)",
-                    [(k,) for k in STATE_KEYS],
+                    "INSERT OR IGNORE INTO sync_state (key, value) VALUES (?, ?)",
+                    [(k, _STATE_DEFAULTS.get(k, 0)) for k in STATE_KEYS],
                 )
 
     @contextmanager
@@ -260,7 +307,7 @@ class Store:
         """All ``sync_state`` values, keyed as `STATE_KEYS`."""
         with self._guard("reading sync state"):
             rows = self._conn.execute("SELECT key, value FROM sync_state").fetchall()
-        values = {k: 0 for k in STATE_KEYS}
+        values = {k: _STATE_DEFAULTS.get(k, 0) for k in STATE_KEYS}
         values.update({str(k): int(v) for k, v in rows})
         return values
 
@@ -339,6 +386,37 @@ class Store:
                 "SELECT content_id, score FROM trending ORDER BY score DESC, content_id"
             ).fetchall()
         return [(str(c), float(s)) for c, s in rows]
+
+    def viewings(self) -> list[tuple[str, float]]:
+        """``(content_id, completion)`` of every stored event, oldest first."""
+        with self._guard("reading events"):
+            rows = self._conn.execute(
+                "SELECT content_id, completion FROM events ORDER BY id"
+            ).fetchall()
+        return [(str(c), float(x)) for c, x in rows]
+
+    def model(self) -> StoredModel:
+        """The persisted item-factor model (no rows before the first fetch).
+
+        Raises:
+            StoreError: a stored row does not have ``model_factors`` codes or is not finite.
+        """
+        state = self.state()
+        factors = state["model_factors"]
+        with self._guard("reading the model"):
+            rows = self._conn.execute(
+                "SELECT content_id, factor, scale FROM model_rows ORDER BY content_id"
+            ).fetchall()
+        matrix = np.zeros((len(rows), factors), dtype=np.float32)
+        ids: list[str] = []
+        for i, (cid, blob, scale) in enumerate(rows):
+            if not isinstance(blob, bytes) or len(blob) != factors:
+                raise StoreError("stored model row has the wrong size; the store is corrupt")
+            matrix[i] = np.frombuffer(blob, dtype=np.int8).astype(np.float32) * np.float32(scale)
+            ids.append(str(cid))
+        if not np.all(np.isfinite(matrix)):
+            raise StoreError("stored model row has NaN or infinite values; the store is corrupt")
+        return StoredModel(state["model_version"], factors, tuple(ids), matrix)
 
     def size_bytes(self) -> int:
         """Bytes used by the database plus its WAL file (pages in use for ``:memory:``)."""
@@ -475,6 +553,37 @@ class Store:
             self._conn.execute("DELETE FROM trending")
             self._conn.executemany(
                 "INSERT OR REPLACE INTO trending (content_id, score) VALUES (?, ?)", items
+            )
+
+    def apply_model_rows(
+        self,
+        rows: Iterable[tuple[str, npt.NDArray[np.float32] | None, int]],
+        *,
+        replace: bool,
+    ) -> None:
+        """Upsert item-factor rows; a row without a factor removes the item from the model.
+
+        Args:
+            rows: ``(content_id, factor or None, model_version)``; factors are (d,) float32,
+                stored as int8 codes and a scale.
+            replace: delete every stored row first (a full model, fetched since version 0).
+        """
+        upserts: list[tuple[str, bytes, float, int]] = []
+        deletes: list[tuple[str]] = []
+        for cid, factor, version in rows:
+            if factor is None:
+                deletes.append((cid,))
+            else:
+                codes, scale = quantize_int8(np.asarray(factor, dtype=np.float32))
+                upserts.append((cid, codes.astype(np.int8).tobytes(), float(scale), int(version)))
+        with self._guard("writing the model"):
+            if replace:
+                self._conn.execute("DELETE FROM model_rows")
+            self._conn.executemany("DELETE FROM model_rows WHERE content_id = ?", deletes)
+            self._conn.executemany(
+                "INSERT OR REPLACE INTO model_rows (content_id, factor, scale, model_version)"
+                " VALUES (?, ?, ?, ?)",
+                upserts,
             )
 
 

@@ -1,11 +1,13 @@
 """How the brain talks to its constellation shard: a small synchronous transport interface.
 
-`SyncTransport` is the two calls the brain needs; `GrpcTransport` implements it over a
-synchronous gRPC channel. Tests and the simulator may pass any object with the same two
-methods. `call_with_retries` adds exponential backoff with full jitter (Brooker, "Exponential
-Backoff And Jitter", AWS Architecture Blog, 2015): before retry n the caller sleeps a uniform
-random time in ``[0, min(max_backoff, base * 2 ** (n - 1))]``, which spreads a fleet of TVs
-that failed together instead of making them retry in lock-step.
+`SyncTransport` is the three calls the brain needs; `GrpcTransport` implements it over a
+synchronous gRPC channel. Tests and the simulator may pass any object with the same methods
+(`fetch_model` is only called once a sync answer names a model version, so a transport of a
+shard without the collaborative model may leave it out). `call_with_retries` adds exponential
+backoff with full jitter (Brooker, "Exponential Backoff And Jitter", AWS Architecture Blog,
+2015): before retry n the caller sleeps a uniform random time in
+``[0, min(max_backoff, base * 2 ** (n - 1))]``, which spreads a fleet of TVs that failed
+together instead of making them retry in lock-step.
 """
 
 from __future__ import annotations
@@ -23,18 +25,23 @@ import numpy.typing as npt
 from omega.v1 import patterns_pb2, sync_pb2, sync_pb2_grpc
 from omega_brain.errors import CatalogError, SyncError
 from omega_protocol import EMBEDDING_DIM, EmbeddingError, decode_embedding
+from omega_protocol.model_update import MAX_MODEL_FACTORS
 
 __all__ = [
+    "FetchProgress",
     "FetchedCatalog",
+    "FetchedModel",
     "GrpcTransport",
     "SyncTransport",
     "backoff_seconds",
     "call_with_retries",
+    "download_model",
     "fetch_catalog",
 ]
 
 _MAX_RECEIVE_BYTES = 16 << 20
 _MAX_CATALOG_PAGES = 100_000
+_MAX_MODEL_PAGES = 100_000
 _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_receive_message_length", _MAX_RECEIVE_BYTES),
     ("grpc.max_send_message_length", 4 << 20),
@@ -65,6 +72,16 @@ class SyncTransport(Protocol):
         self, request: sync_pb2.FetchEmbeddingsRequest, timeout: float
     ) -> sync_pb2.FetchEmbeddingsResponse:
         """One page of catalog embeddings; ``timeout`` in seconds."""
+        ...
+
+    def fetch_model(
+        self, request: sync_pb2.FetchModelRequest, timeout: float
+    ) -> sync_pb2.FetchModelResponse:
+        """One page of item-factor rows changed since a model version; ``timeout`` in seconds.
+
+        `download_model` pages through it (with retries and the restart when the model
+        version moves mid-fetch).
+        """
         ...
 
 
@@ -126,6 +143,19 @@ class GrpcTransport:
         response = self._call("FetchEmbeddings", self._stub.FetchEmbeddings, request, timeout)
         if not isinstance(response, sync_pb2.FetchEmbeddingsResponse):
             raise SyncError(f"FetchEmbeddings returned {type(response).__name__}")
+        return response
+
+    def fetch_model(
+        self, request: sync_pb2.FetchModelRequest, timeout: float
+    ) -> sync_pb2.FetchModelResponse:
+        """Call ``ConstellationSync.FetchModel``.
+
+        Raises:
+            SyncError: as for `sync_patterns`.
+        """
+        response = self._call("FetchModel", self._stub.FetchModel, request, timeout)
+        if not isinstance(response, sync_pb2.FetchModelResponse):
+            raise SyncError(f"FetchModel returned {type(response).__name__}")
         return response
 
     def _call(
@@ -331,3 +361,182 @@ def fetch_catalog(
         raise SyncError(f"FetchEmbeddings did not finish within {_MAX_CATALOG_PAGES} pages")
     embeddings = np.stack(rows) if rows else np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
     return FetchedCatalog(ids, embeddings, titles, genres, version)
+
+
+@dataclass
+class FetchProgress:
+    """What `download_model` received so far, kept when it fails part-way.
+
+    Attributes:
+        pages: FetchModel replies received.
+        bytes_down: their serialized size, in bytes.
+        restarts: times the download started over because the model version moved.
+    """
+
+    pages: int = 0
+    bytes_down: int = 0
+    restarts: int = 0
+
+
+@dataclass(frozen=True)
+class FetchedModel:
+    """Item-factor rows downloaded with `download_model`.
+
+    Attributes:
+        model_version: the version every row is current to (0: the server has no model).
+        factors: factors per item (0 only when the server has no model).
+        rows: ``(content_id, factor, row model_version)`` in server order, each id once (its
+            last copy); ``factor`` is (factors,) float32, or None when the item left the model.
+        since_model_version: the version the rows are changes since (0: a full model, which
+            replaces the stored one).
+        bytes_down: serialized size of every reply received, in bytes (restarts included).
+    """
+
+    model_version: int
+    factors: int
+    rows: list[tuple[str, npt.NDArray[np.float32] | None, int]]
+    since_model_version: int
+    bytes_down: int
+
+
+def download_model(
+    transport: SyncTransport,
+    *,
+    since_model_version: int = 0,
+    page_size: int = 1000,
+    timeout_seconds: float = 5.0,
+    max_attempts: int = 4,
+    base_backoff_seconds: float = 0.05,
+    max_backoff_seconds: float = 2.0,
+    rng: random.Random | None = None,
+    progress: FetchProgress | None = None,
+) -> FetchedModel:
+    """Page through ``FetchModel``: every item-factor row changed since a model version.
+
+    Every page of one fetch must carry the same model version and factor count. When a page
+    names another version (a federated round was published mid-fetch), the rows gathered so
+    far may mix two versions, so the download starts over once from the same
+    ``since_model_version``; a second move fails. Each page is retried like a sync.
+
+    Args:
+        transport: where to fetch from.
+        since_model_version: 0 for the whole model.
+        page_size: rows per page requested (the server may cap it).
+        timeout_seconds: deadline of one page request.
+        max_attempts: attempts per page.
+        base_backoff_seconds: see `call_with_retries`.
+        max_backoff_seconds: see `call_with_retries`.
+        rng: jitter source (a fresh `random.Random` by default).
+        progress: filled in with pages and bytes received, also when this raises.
+
+    Returns:
+        The rows, factors decoded to float32.
+
+    Raises:
+        SyncError: a page could not be fetched, the paging does not terminate, the model
+            version moved twice, or a reply is malformed (an empty content id, a factor count
+            out of range or changing between pages, a factor of the wrong dimension or not
+            finite).
+    """
+    jitter = rng or random.Random()
+    progress = progress if progress is not None else FetchProgress()
+
+    def fetch_page(request: sync_pb2.FetchModelRequest) -> sync_pb2.FetchModelResponse:
+        try:
+            return call_with_retries(
+                lambda: _page_or_moved(transport, request, timeout_seconds),
+                max_attempts=max_attempts,
+                base_backoff_seconds=base_backoff_seconds,
+                max_backoff_seconds=max_backoff_seconds,
+                rng=jitter,
+                outcome=RetryOutcome(),
+            )
+        except _ModelVersionMovedError as exc:
+            raise _ModelVersionMoved from exc
+
+    for _attempt in range(2):
+        try:
+            return _download_model_once(since_model_version, page_size, fetch_page, progress)
+        except _ModelVersionMoved:
+            progress.restarts += 1
+    raise SyncError("FetchModel: the model version moved twice during the download")
+
+
+class _ModelVersionMoved(Exception):
+    """A FetchModel page named another model version than the first page."""
+
+
+class _ModelVersionMovedError(SyncError):
+    """The shard answered ABORTED to a page token: the model moved since the first page."""
+
+
+def _page_or_moved(
+    transport: SyncTransport, request: sync_pb2.FetchModelRequest, timeout_seconds: float
+) -> sync_pb2.FetchModelResponse:
+    """One page; ABORTED on a continuation page means "start over", never "retry this token"."""
+    try:
+        return transport.fetch_model(request, timeout_seconds)
+    except SyncError as exc:
+        if request.page_token and exc.code == grpc.StatusCode.ABORTED:
+            raise _ModelVersionMovedError(str(exc), code=exc.code, retryable=False) from exc
+        raise
+
+
+def _download_model_once(
+    since: int,
+    page_size: int,
+    call: Callable[[sync_pb2.FetchModelRequest], sync_pb2.FetchModelResponse],
+    progress: FetchProgress,
+) -> FetchedModel:
+    rows: dict[str, tuple[npt.NDArray[np.float32] | None, int]] = {}
+    version: int | None = None
+    factors = 0
+    token = ""
+    seen_tokens: set[str] = set()
+    for _ in range(_MAX_MODEL_PAGES):
+        request = sync_pb2.FetchModelRequest(
+            since_model_version=since, page_size=page_size, page_token=token
+        )
+        response = call(request)
+        if not isinstance(response, sync_pb2.FetchModelResponse):
+            raise SyncError(f"FetchModel returned {type(response).__name__}")
+        progress.pages += 1
+        progress.bytes_down += response.ByteSize()
+        page_version, page_factors = int(response.model_version), int(response.factors)
+        if version is None:
+            version, factors = page_version, page_factors
+        elif page_version != version:
+            raise _ModelVersionMoved
+        elif page_factors != factors:
+            raise SyncError(f"FetchModel: factor count changed from {factors} to {page_factors}")
+        for row in response.rows:
+            rows.pop(row.content_id, None)  # a repeated id keeps its last copy, in that place
+            rows[row.content_id] = (_decode_factor(row, factors), int(row.model_version))
+        token = response.next_page_token
+        if not token:
+            break
+        if token in seen_tokens:
+            raise SyncError(f"FetchModel returned page token {token!r} twice")
+        seen_tokens.add(token)
+    else:
+        raise SyncError(f"FetchModel did not finish within {_MAX_MODEL_PAGES} pages")
+    return FetchedModel(
+        model_version=version or 0,
+        factors=factors,
+        rows=[(cid, factor, v) for cid, (factor, v) in rows.items()],
+        since_model_version=since,
+        bytes_down=progress.bytes_down,
+    )
+
+
+def _decode_factor(row: patterns_pb2.ItemFactorRow, factors: int) -> npt.NDArray[np.float32] | None:
+    if not row.content_id:
+        raise SyncError("FetchModel: a row without a content id")
+    if not row.HasField("factor"):
+        return None
+    if not 1 <= factors <= MAX_MODEL_FACTORS:
+        raise SyncError(f"FetchModel: {factors} factors is out of range")
+    try:
+        return decode_embedding(row.factor, factors)
+    except EmbeddingError as exc:
+        raise SyncError(f"FetchModel: bad factor for {row.content_id!r}: {exc}") from exc

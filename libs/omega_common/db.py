@@ -40,6 +40,8 @@ DATABASE_UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.InterfaceError,
     asyncpg.exceptions.PostgresConnectionError,
+    # A pooled connection killed mid-protocol surfaces as "cannot switch to state ...".
+    asyncpg.exceptions.InternalClientError,
 )
 """Exceptions that mean "the database is down or unreachable" (mapped to UNAVAILABLE)."""
 

@@ -46,11 +46,21 @@ async def test_movielens_replay_through_two_shards_and_federation(
     )
     loop = asyncio.get_running_loop()
 
-    def one_round() -> dict[str, Any]:
-        future = asyncio.run_coroutine_threadsafe(run_round(federation, state, channels), loop)
+    def one_round(extra: dict[str, str]) -> dict[str, Any]:
+        # The replay passes OMEGA_FEDERATION_* overrides; pydantic parses them as the env would.
+        overrides = {k.removeprefix("OMEGA_FEDERATION_").lower(): v for k, v in extra.items()}
+        settings = FederationSettings(**{**federation.model_dump(), **overrides})
+        future = asyncio.run_coroutine_threadsafe(run_round(settings, state, channels), loop)
         return asdict(future.result(timeout=120))
 
     settings = SimulatorSettings(max_users=40, phases=2, workers=2)
+    model_env = {
+        "OMEGA_FEDERATION_MODEL_FACTORS": "4",
+        "OMEGA_FEDERATION_MODEL_ACTIVE_ITEMS": "200",
+        "OMEGA_FEDERATION_MODEL_NOISE_MULTIPLIER": "0.5",
+        "OMEGA_FEDERATION_MODEL_EPSILON_BUDGET": "100",
+        "OMEGA_FEDERATION_MODEL_DELTA": "1e-5",
+    }
     try:
         report = await asyncio.to_thread(
             replay_movielens,
@@ -58,6 +68,8 @@ async def test_movielens_replay_through_two_shards_and_federation(
             addresses,
             one_round,
             tmp_path / "devices",
+            model_env=model_env,
+            model_rounds=2,
             movielens=ml,
             progress=lambda line: None,
         )
@@ -69,8 +81,17 @@ async def test_movielens_replay_through_two_shards_and_federation(
     assert report.devices == 40 and report.shards == 2
     assert report.syncs.failed == 0 and report.syncs.ok > 40
     assert report.patterns_stored > 0
-    assert [r["status"] for r in report.rounds] == ["published", "published"]
+    assert [r["status"] for r in report.rounds] == ["published"] * 5
     assert report.rounds[0]["exported_patterns"] > 0
+    # Two phase rounds leave the model alone; then it is created and stepped twice.
+    actions = [r["model"].get("model_action") for r in report.rounds]
+    assert actions == [None, None, "created", "stepped", "stepped"]
+    assert report.rounds[-1]["model"]["model_devices"] == 40
+    privacy = report.privacy
+    assert privacy["releases"] == 3 and privacy["noise_multiplier"] == 0.5
+    assert len(privacy["epsilon_per_round"]) == 3
+    assert privacy["cumulative_epsilon"] > max(privacy["epsilon_per_round"])
+    assert report.syncs.model_bytes_down and min(report.syncs.model_bytes_down) > 0
     assert report.global_patterns_published > 0
     names = [q.recommender for q in report.quality]
     assert names == ["popularity (central)", "brain, local only", "brain, federated"]

@@ -89,6 +89,9 @@ class Catalog:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def __contains__(self, content_id: object) -> bool:
+        return content_id in self._position
+
     def page(
         self, *, since_version: int, content_ids: Sequence[str], offset: int, limit: int
     ) -> tuple[list[CatalogRow], int | None]:

@@ -8,7 +8,7 @@ delta is rejected with INVALID_ARGUMENT and nothing is half-written.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,18 +24,30 @@ from omega_protocol import (
     pattern_context,
     quantize_int8,
 )
+from omega_protocol.model_update import (
+    MAX_CONTENT_ID_CHARS,
+    MAX_MODEL_FACTORS,
+    ModelUpdateError,
+    decode_item_factor_update,
+)
 
 __all__ = [
     "DeltaLimits",
     "GlobalPatternRow",
+    "ItemFactorRecord",
+    "ModelState",
+    "ModelUpdateRecord",
     "PatternStatsUpdate",
     "StoredPattern",
     "TrendingRow",
     "ValidatedDelta",
+    "ValidatedRound",
     "delta_from_request",
     "embedding_to_int8",
+    "exported_model_update",
     "global_patterns_message",
     "int8_to_embedding",
+    "item_factor_row",
     "publish_from_request",
 ]
 
@@ -83,6 +95,46 @@ class PatternStatsUpdate:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelState:
+    """The shard's current item-factor model: its version (0: none yet) and factor count."""
+
+    version: int
+    factors: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelUpdateRecord:
+    """A device's validated `ItemFactorUpdate`, as stored in ``model_updates``.
+
+    Attributes:
+        model_version: The model version the update was computed against (0: no model).
+        direction_dim: Factor count of the update's direction; None without a direction.
+        payload: The serialized `omega.v1.ItemFactorUpdate`, exported to the worker as is.
+    """
+
+    model_version: int
+    direction_dim: int | None
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ItemFactorRecord:
+    """One row of the item-factor model.
+
+    Attributes:
+        content_id: The catalog item.
+        codes: (factors,) int8 codes as bytes; None when the item left the model.
+        scale: The int8 scale (``factor ~= codes * scale``); None with ``codes``.
+        model_version: The model version that last changed the row.
+    """
+
+    content_id: str
+    codes: bytes | None
+    scale: float | None
+    model_version: int
+
+
+@dataclass(frozen=True, slots=True)
 class ValidatedDelta:
     """A sync request that passed every check."""
 
@@ -93,6 +145,26 @@ class ValidatedDelta:
     updates: list[PatternStatsUpdate]
     removed: list[str]
     content_views: list[tuple[str, int]]
+    model_update: ModelUpdateRecord | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ValidatedRound:
+    """A `PublishRoundRequest` that passed every check.
+
+    Attributes:
+        round: The federation round (>= 1); also the model version of ``item_factors``.
+        patterns: Global patterns to upsert.
+        trending: The new trending list (replaces the old one).
+        item_factors: Model rows that changed in this round (empty: the model is untouched).
+        factors: Factor count of the model (0 when ``item_factors`` is empty).
+    """
+
+    round: int
+    patterns: list[GlobalPatternRow]
+    trending: list[TrendingRow]
+    item_factors: list[ItemFactorRecord]
+    factors: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,21 +283,55 @@ def _update(u: patterns_pb2.PatternUpdate, i: int) -> PatternStatsUpdate:
 
 def _unique(ids: Iterable[str], what: str) -> None:
     seen: set[str] = set()
-    for pattern_id in ids:
-        if pattern_id in seen:
-            raise InvalidArgumentError(f"pattern {pattern_id!r} appears twice in {what}")
-        seen.add(pattern_id)
+    for key in ids:
+        if key in seen:
+            raise InvalidArgumentError(f"{key[:40]!r} appears twice in {what}")
+        seen.add(key)
+
+
+def _model_update(
+    update: patterns_pb2.ItemFactorUpdate, catalog: Container[str], model: ModelState
+) -> ModelUpdateRecord:
+    """Validate a device's `ItemFactorUpdate` against the catalog and the current model."""
+    expected = model.factors if update.model_version == model.version and model.version else None
+    try:
+        decoded = decode_item_factor_update(update, expected_factors=expected)
+    except ModelUpdateError as exc:
+        raise InvalidArgumentError(str(exc)) from exc
+    for content_id in decoded.content_ids:
+        if content_id not in catalog:
+            raise InvalidArgumentError(
+                f"model_update: content id {content_id[:40]!r} is not in the shard's catalog"
+            )
+    return ModelUpdateRecord(
+        model_version=decoded.model_version,
+        direction_dim=None if decoded.direction is None else int(decoded.direction.shape[0]),
+        payload=update.SerializeToString(deterministic=True),
+    )
 
 
 def delta_from_request(
-    request: sync_pb2.SyncPatternsRequest, limits: DeltaLimits
+    request: sync_pb2.SyncPatternsRequest,
+    limits: DeltaLimits,
+    *,
+    catalog: Container[str],
+    model: ModelState,
 ) -> ValidatedDelta:
     """Decode and validate a `SyncPatternsRequest` completely.
+
+    Args:
+        request: The device's request.
+        limits: Size bounds.
+        catalog: The shard's catalog content ids; a model update may name only these.
+        model: The shard's current model; a model update's direction computed against this
+            version must have its factor count.
 
     Raises:
         InvalidArgumentError: a bad device id or version, an undecodable or oversized payload
             (zstd bomb), too many patterns, a wrong dimension, NaN values, rates outside
-            [0, 1], duplicate ids or inconsistent versions.
+            [0, 1], duplicate ids or inconsistent versions; a malformed model update (see
+            `omega_protocol.model_update.decode_item_factor_update`), one naming content ids
+            outside the catalog or with a direction of the wrong factor count.
     """
     device_id = _check_id(request.device_id, "device_id")
     if request.local_version == 0:
@@ -256,6 +362,11 @@ def delta_from_request(
     for v in delta.content_views:
         _check_id(v.content_id, "content_views.content_id")
         views[v.content_id] = views.get(v.content_id, 0) + v.views
+    model_update = (
+        _model_update(delta.model_update, catalog, model)
+        if delta.HasField("model_update")
+        else None
+    )
     return ValidatedDelta(
         device_id=device_id,
         local_version=request.local_version,
@@ -264,6 +375,7 @@ def delta_from_request(
         updates=updates,
         removed=removed,
         content_views=sorted((c, n) for c, n in views.items() if n > 0),
+        model_update=model_update,
     )
 
 
@@ -291,16 +403,48 @@ def global_patterns_message(
     )
 
 
-def publish_from_request(
-    request: federation_pb2.PublishRoundRequest,
-) -> tuple[list[GlobalPatternRow], list[TrendingRow]]:
+def _item_factors(request: federation_pb2.PublishRoundRequest) -> list[ItemFactorRecord]:
+    """Validate the model rows of a round (a row without a factor left the model)."""
+    factors = request.factors
+    if not 1 <= factors <= MAX_MODEL_FACTORS:
+        raise InvalidArgumentError(f"factors must be in [1, {MAX_MODEL_FACTORS}], got {factors}")
+    rows: list[ItemFactorRecord] = []
+    for i, row in enumerate(request.item_factors):
+        what = f"item_factors[{i}]"
+        cid = row.content_id
+        if not cid or len(cid) > MAX_CONTENT_ID_CHARS or "\x00" in cid:
+            raise InvalidArgumentError(
+                f"{what}.content_id must have 1 to {MAX_CONTENT_ID_CHARS} characters, no NUL"
+            )
+        codes: bytes | None = None
+        scale: float | None = None
+        if row.HasField("factor"):
+            try:
+                vector = decode_embedding(row.factor, factors)
+            except EmbeddingError as exc:
+                raise InvalidArgumentError(f"{what}.factor: {exc}") from exc
+            if row.factor.encoding == patterns_pb2.EMBEDDING_ENCODING_INT8:
+                codes, scale = bytes(row.factor.data), float(row.factor.scale)
+            else:
+                q, s = quantize_int8(vector)
+                codes, scale = q.tobytes(), float(s)
+        rows.append(ItemFactorRecord(cid, codes, scale, request.round))
+    _unique((r.content_id for r in rows), "item_factors")
+    return rows
+
+
+def publish_from_request(request: federation_pb2.PublishRoundRequest) -> ValidatedRound:
     """Validate a `PublishRoundRequest` into rows to store.
 
     Raises:
-        InvalidArgumentError: round 0, bad embeddings, contexts, scores or duplicate keys.
+        InvalidArgumentError: round 0, bad embeddings, contexts, scores or duplicate keys; model
+            rows with a factor count outside [1, 256], factors of another dimension or with
+            non-finite values, empty, overlong or repeated content ids.
     """
     if request.round == 0:
         raise InvalidArgumentError("round must be >= 1")
+    if not math.isfinite(request.noise_multiplier) or request.noise_multiplier < 0:
+        raise InvalidArgumentError("noise_multiplier must be a finite number >= 0")
     rows: list[GlobalPatternRow] = []
     for i, p in enumerate(request.patterns):
         what = f"patterns[{i}]"
@@ -331,4 +475,26 @@ def publish_from_request(
             raise InvalidArgumentError("trending score must be finite")
         trending.append(TrendingRow(content_id=t.content_id, score=t.score))
     _unique((t.content_id for t in trending), "trending")
-    return rows, trending
+    item_factors = _item_factors(request) if request.item_factors else []
+    return ValidatedRound(
+        round=request.round,
+        patterns=rows,
+        trending=trending,
+        item_factors=item_factors,
+        factors=request.factors if item_factors else 0,
+    )
+
+
+def item_factor_row(row: ItemFactorRecord) -> patterns_pb2.ItemFactorRow:
+    """A stored model row as the wire `ItemFactorRow` (INT8 factor; none when removed)."""
+    message = patterns_pb2.ItemFactorRow(content_id=row.content_id, model_version=row.model_version)
+    if row.codes is not None and row.scale is not None:
+        message.factor.CopyFrom(int8_to_embedding(row.codes, row.scale))
+    return message
+
+
+def exported_model_update(device_key: str, payload: bytes) -> federation_pb2.ExportedModelUpdate:
+    """A stored model update (serialized `ItemFactorUpdate`) as the worker sees it."""
+    return federation_pb2.ExportedModelUpdate(
+        device_key=device_key, update=patterns_pb2.ItemFactorUpdate.FromString(payload)
+    )

@@ -10,6 +10,8 @@ __all__ = [
     "DEVICE_RECOMMEND_P99",
     "DEVICE_SYNCS_FAILED",
     "GLOBAL_VERSION",
+    "MODEL_UPDATES_STORED",
+    "MODEL_VERSION",
     "PATTERNS_STORED",
     "RPC",
     "SYNC_DUPLICATES",
@@ -50,4 +52,11 @@ DEVICE_RECOMMEND_P99 = Histogram(
 )
 DEVICE_SYNCS_FAILED = Counter(
     "omega_constellation_device_syncs_failed_total", "Failed syncs reported by devices."
+)
+MODEL_UPDATES_STORED = Counter(
+    "omega_constellation_model_updates_received_total",
+    "Devices' item-factor model updates stored by applied deltas.",
+)
+MODEL_VERSION = Gauge(
+    "omega_constellation_model_version", "Version of the cached item-factor model (0: none)."
 )

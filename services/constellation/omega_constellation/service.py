@@ -1,4 +1,4 @@
-"""The constellation's logic: apply deltas, route devices, cache global patterns and catalog.
+"""The constellation's logic: apply deltas, route devices, cache global patterns, catalog, model.
 
 No protobuf here: servicers convert with `omega_constellation.converters`.
 """
@@ -13,9 +13,16 @@ from dataclasses import dataclass
 from omega_common.errors import FailedPreconditionError
 from omega_constellation import metrics
 from omega_constellation.catalog import Catalog, read_catalog_file
-from omega_constellation.converters import GlobalPatternRow, TrendingRow, ValidatedDelta
+from omega_constellation.converters import (
+    GlobalPatternRow,
+    ModelState,
+    TrendingRow,
+    ValidatedDelta,
+    ValidatedRound,
+)
+from omega_constellation.model import ModelPage, ModelView
 from omega_constellation.settings import ConstellationSettings
-from omega_constellation.store import ExportRow, ShardStore, SyncOutcome
+from omega_constellation.store import ExportedUpdateRow, ExportRow, ShardStore, SyncOutcome
 from omega_protocol import shard_for
 
 __all__ = ["ConstellationService", "GlobalView", "SyncDecision"]
@@ -37,6 +44,7 @@ class SyncDecision:
     outcome: SyncOutcome | None
     redirect_shard_id: str | None
     view: GlobalView | None
+    model_version: int = 0
 
 
 class ConstellationService:
@@ -48,9 +56,11 @@ class ConstellationService:
         self._view = GlobalView(0, [], [])
         self._view_lock = asyncio.Lock()
         self._catalog = Catalog(0, [])
+        self._model = ModelView(ModelState(0, 0), [])
+        self._model_lock = asyncio.Lock()
 
     async def start(self) -> None:
-        """Load the catalog (from the configured file when it changed) and the global view."""
+        """Load the catalog (from the configured file when it changed), global view and model."""
         path = self.settings.catalog_path
         if path is not None:
             rows, digest = await asyncio.to_thread(read_catalog_file, path)
@@ -59,6 +69,7 @@ class ConstellationService:
         version, rows = await self.store.load_catalog()
         self._catalog = await asyncio.to_thread(Catalog, version, rows)
         await self.refresh_global(force=True)
+        await self.refresh_model(force=True)
 
     @property
     def global_view(self) -> GlobalView:
@@ -83,6 +94,32 @@ class ConstellationService:
                 metrics.GLOBAL_VERSION.set(v)
         return self._view
 
+    @property
+    def model(self) -> ModelView:
+        """The cached item-factor model (refreshed when a newer version is seen)."""
+        return self._model
+
+    async def refresh_model(self, version: int | None = None, *, force: bool = False) -> ModelView:
+        """Reload the model when the database has a newer version than the cache."""
+        if not force and version is not None and version <= self._model.version:
+            return self._model
+        async with self._model_lock:
+            if force or version is None or version > self._model.version:
+                state, rows = await self.store.load_model()
+                self._model = await asyncio.to_thread(ModelView, state, rows)
+                metrics.MODEL_VERSION.set(state.version)
+        return self._model
+
+    async def fetch_model(self, *, since: int, page_token: str, page_size: int) -> ModelPage:
+        """One page of the model rows changed after ``since`` (see `ModelView.page`).
+
+        The model version is read from the database on every call (one primary-key lookup),
+        so a replica that did not receive the latest PublishRound still serves it.
+        """
+        state = await self.store.model_state()
+        view = await self.refresh_model(state.version)
+        return view.page(since=since, page_token=page_token, page_size=page_size)
+
     async def sync(self, delta: ValidatedDelta) -> SyncDecision:
         """Apply a device's delta here, or name the shard it belongs to."""
         owner = shard_for(delta.device_id, self.settings.shard_ids)
@@ -99,8 +136,11 @@ class ConstellationService:
             metrics.SYNC_DUPLICATES.inc()
         else:
             metrics.PATTERNS_STORED.inc(len(delta.upserts) + len(delta.updates))
+            if delta.model_update is not None:
+                metrics.MODEL_UPDATES_STORED.inc()
         view = await self.refresh_global(outcome.global_version)
-        return SyncDecision(outcome, None, view)
+        model = await self.refresh_model(outcome.model_version)
+        return SyncDecision(outcome, None, view, model.version)
 
     async def export(
         self, *, since_ms: int, min_success_rate: float, batch_size: int
@@ -117,18 +157,31 @@ class ConstellationService:
         ):
             yield batch
 
+    async def export_model_updates(
+        self, *, batch_size: int
+    ) -> AsyncIterator[list[ExportedUpdateRow]]:
+        """Batches of every stored model update (see `ShardStore.export_model_updates`)."""
+        if batch_size <= 0:
+            raise FailedPreconditionError("batch_size must be positive")
+        async for batch in self.store.export_model_updates(batch_size=min(batch_size, 10_000)):
+            yield batch
+
     async def publish(
         self,
-        round_id: int,
-        patterns: list[GlobalPatternRow],
-        trending: list[TrendingRow],
+        published: ValidatedRound,
         *,
         epsilon: float,
         cumulative_epsilon: float,
+        noise_multiplier: float = 0.0,
     ) -> tuple[int, int, bool]:
         """Store a round; returns (global version, patterns stored, duplicate)."""
         result = await self.store.publish_round(
-            round_id, patterns, trending, epsilon=epsilon, cumulative_epsilon=cumulative_epsilon
+            published,
+            epsilon=epsilon,
+            cumulative_epsilon=cumulative_epsilon,
+            noise_multiplier=noise_multiplier,
         )
         await self.refresh_global(result[0])
+        if published.item_factors:
+            await self.refresh_model(published.round)
         return result

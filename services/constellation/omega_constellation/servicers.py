@@ -15,10 +15,13 @@ from omega_constellation.converters import (
     DeltaLimits,
     delta_from_request,
     embedding_to_int8,
+    exported_model_update,
     global_patterns_message,
     int8_to_embedding,
+    item_factor_row,
     publish_from_request,
 )
+from omega_constellation.model import ModelPage
 from omega_constellation.service import ConstellationService, GlobalView
 from omega_constellation.store import ExportRow
 from omega_protocol import (
@@ -32,6 +35,7 @@ from omega_protocol import (
 __all__ = ["ConstellationSyncServicer", "FederationServicer"]
 
 _MAX_PAGE = 1000
+_MODEL_PAGES_CACHED = 64
 
 
 class ConstellationSyncServicer(sync_pb2_grpc.ConstellationSyncServicer):
@@ -46,6 +50,7 @@ class ConstellationSyncServicer(sync_pb2_grpc.ConstellationSyncServicer):
             max_content_views=settings.max_content_views_per_delta,
         )
         self._payloads: dict[tuple[int, int], sync_pb2.CompressedPayload] = {}
+        self._model_pages: dict[tuple[int, int, str, int], sync_pb2.FetchModelResponse] = {}
 
     def _global_payload(self, view: GlobalView, since: int) -> sync_pb2.CompressedPayload | None:
         """The compressed GlobalPatterns newer than ``since`` (cached per view and since)."""
@@ -70,9 +75,15 @@ class ConstellationSyncServicer(sync_pb2_grpc.ConstellationSyncServicer):
     async def SyncPatterns(
         self, request: sync_pb2.SyncPatternsRequest, context: grpc.aio.ServicerContext
     ) -> sync_pb2.SyncPatternsResponse:
-        """Validate and apply a device's delta; answer with the ack and newer global patterns."""
+        """Validate and apply a device's delta (with its model update, if any); answer with the
+        ack, newer global patterns and the current model version."""
         metrics.SYNC_REQUEST_BYTES.observe(request.ByteSize())
-        delta = delta_from_request(request, self._limits)
+        delta = delta_from_request(
+            request,
+            self._limits,
+            catalog=self._service.catalog,
+            model=self._service.model.state,
+        )
         decision = await self._service.sync(delta)
         if decision.redirect_shard_id is not None:
             return sync_pb2.SyncPatternsResponse(redirect_shard_id=decision.redirect_shard_id)
@@ -83,6 +94,7 @@ class ConstellationSyncServicer(sync_pb2_grpc.ConstellationSyncServicer):
             global_version=decision.view.version,
             duplicate=outcome.duplicate,
             patterns_stored=outcome.patterns_stored,
+            model_version=decision.model_version,
         )
         payload = self._global_payload(decision.view, delta.since_global_version)
         if payload is not None:
@@ -135,6 +147,39 @@ class ConstellationSyncServicer(sync_pb2_grpc.ConstellationSyncServicer):
             catalog_version=catalog.version,
             next_page_token="" if nxt is None else str(nxt),
         )
+
+    def _model_response(self, page: ModelPage) -> sync_pb2.FetchModelResponse:
+        return sync_pb2.FetchModelResponse(
+            model_version=page.version,
+            factors=page.factors,
+            rows=[item_factor_row(r) for r in page.rows],
+            next_page_token=page.next_token,
+        )
+
+    async def FetchModel(
+        self, request: sync_pb2.FetchModelRequest, context: grpc.aio.ServicerContext
+    ) -> sync_pb2.FetchModelResponse:
+        """A page of item-factor rows changed after ``since_model_version`` (INT8 factors).
+
+        Pages are answered from the in-memory model and cached per (version, since, token,
+        size): after a publish most devices ask for the same pages. A fetch that straddles a
+        publication fails with ABORTED (see `omega_constellation.model`).
+        """
+        page = await self._service.fetch_model(
+            since=request.since_model_version,
+            page_token=request.page_token,
+            page_size=request.page_size,
+        )
+        key = (page.version, request.since_model_version, request.page_token, request.page_size)
+        response = self._model_pages.get(key)
+        if response is None:
+            response = self._model_response(page)
+            if len(self._model_pages) >= _MODEL_PAGES_CACHED or any(
+                k[0] != page.version for k in self._model_pages
+            ):
+                self._model_pages.clear()
+            self._model_pages[key] = response
+        return response
 
     async def ReportMetrics(
         self, request: sync_pb2.ReportMetricsRequest, context: grpc.aio.ServicerContext
@@ -198,7 +243,11 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
     async def ExportPatterns(
         self, request: federation_pb2.ExportPatternsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[federation_pb2.PatternBatch]:
-        """Stream stored patterns above a watermark; view counts ride on the last batch."""
+        """Stream stored patterns above a watermark, then every stored model update.
+
+        Pattern batches come first, then batches of model updates (device keys, never device
+        ids); view counts ride on the last message of the stream.
+        """
         if request.since_updated_at_ms < 0:
             raise InvalidArgumentError("since_updated_at_ms must be >= 0")
         if not math.isfinite(request.min_success_rate) or not 0 <= request.min_success_rate <= 1:
@@ -221,6 +270,17 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
                 shard_id=shard_id,
                 global_version=version,
             )
+        async for updates in self._service.export_model_updates(
+            batch_size=request.batch_size or 1000
+        ):
+            if pending is not None:
+                yield pending
+            pending = federation_pb2.PatternBatch(
+                model_updates=[exported_model_update(u.device_key, u.payload) for u in updates],
+                watermark_ms=watermark,
+                shard_id=shard_id,
+                global_version=version,
+            )
         last = pending or federation_pb2.PatternBatch(
             watermark_ms=watermark, shard_id=shard_id, global_version=version
         )
@@ -234,13 +294,12 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
         self, request: federation_pb2.PublishRoundRequest, context: grpc.aio.ServicerContext
     ) -> federation_pb2.PublishRoundResponse:
         """Store a federation round once (a repeated round is acknowledged, not applied)."""
-        patterns, trending = publish_from_request(request)
+        published = publish_from_request(request)
         version, stored, duplicate = await self._service.publish(
-            request.round,
-            patterns,
-            trending,
+            published,
             epsilon=request.epsilon,
             cumulative_epsilon=request.cumulative_epsilon,
+            noise_multiplier=request.noise_multiplier,
         )
         return federation_pb2.PublishRoundResponse(
             global_version=version, patterns_stored=stored, duplicate=duplicate

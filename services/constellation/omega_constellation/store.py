@@ -1,4 +1,4 @@
-"""The shard's Postgres store (asyncpg): device patterns, views, global patterns, catalog.
+"""The shard's Postgres store (asyncpg): device patterns, views, global patterns, catalog, model.
 
 Every public coroutine is one transaction. Writes are batched with ``executemany``; embeddings
 are int8 ``bytea`` plus a ``real`` scale (ARCHITECTURE.md section 3).
@@ -14,18 +14,31 @@ from typing import Any
 import asyncpg
 
 from omega_common.db import apply_migrations, load_migrations
+from omega_common.errors import InvalidArgumentError
 from omega_constellation.converters import (
     GlobalPatternRow,
+    ItemFactorRecord,
+    ModelState,
     StoredPattern,
     TrendingRow,
     ValidatedDelta,
+    ValidatedRound,
 )
 
-__all__ = ["CatalogRow", "ExportRow", "ShardStore", "SyncOutcome", "device_key"]
+__all__ = [
+    "CatalogRow",
+    "ExportRow",
+    "ExportedUpdateRow",
+    "ShardStore",
+    "SyncOutcome",
+    "device_key",
+]
 
 _GLOBAL_VERSION = "global_version"
 _CATALOG_VERSION = "catalog_version"
 _CATALOG_DIGEST = "catalog_digest"
+_MODEL_VERSION = "model_version"
+_MODEL_FACTORS = "model_factors"
 
 
 def device_key(device_id: str) -> str:
@@ -41,6 +54,7 @@ class SyncOutcome:
     duplicate: bool
     patterns_stored: int  # patterns the shard holds for the device after this sync
     global_version: int
+    model_version: int = 0  # the shard's model version when the sync was applied
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +64,14 @@ class ExportRow:
     device_key: str
     pattern: StoredPattern
     stored_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExportedUpdateRow:
+    """One device's stored model update: ``payload`` is a serialized `ItemFactorUpdate`."""
+
+    device_key: str
+    payload: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,10 +126,16 @@ class ShardStore:
         """Apply a validated delta exactly once per (device id, local version).
 
         Patterns below ``min_success_rate`` are not stored (an existing row is deleted).
-        View counts are tagged with the shard's current global version.
+        View counts are tagged with the shard's current global version. A model update
+        replaces the device's previous one.
+
+        Raises:
+            InvalidArgumentError: the model update's direction was computed against the
+                current model version but has another factor count (nothing is written).
         """
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
             global_version = await self._global_version(conn)
+            model = await self._model_state(conn)
             await conn.execute(
                 "INSERT INTO devices (device_id, device_key, shard_id) VALUES ($1, $2, $3)"
                 " ON CONFLICT (device_id) DO NOTHING",
@@ -122,7 +150,32 @@ class ShardStore:
             )
             last = device["last_local_version"]
             if delta.local_version <= last:
-                return SyncOutcome(last, True, device["pattern_count"], global_version)
+                return SyncOutcome(
+                    last, True, device["pattern_count"], global_version, model.version
+                )
+            update = delta.model_update
+            if update is not None:
+                # Authoritative re-check of the converter's: another replica may have
+                # published a model since this one cached its version.
+                if (
+                    update.direction_dim is not None
+                    and update.model_version == model.version
+                    and update.direction_dim != model.factors
+                ):
+                    raise InvalidArgumentError(
+                        f"model_update.direction: {update.direction_dim} factors, the model has"
+                        f" {model.factors}"
+                    )
+                await conn.execute(
+                    "INSERT INTO model_updates (device_id, model_version, payload, stored_at_ms)"
+                    " VALUES ($1, $2, $3, $4) ON CONFLICT (device_id) DO UPDATE SET"
+                    " model_version = EXCLUDED.model_version, payload = EXCLUDED.payload,"
+                    " stored_at_ms = EXCLUDED.stored_at_ms",
+                    delta.device_id,
+                    update.model_version,
+                    update.payload,
+                    now_ms,
+                )
 
             keep = [p for p in delta.upserts if p.success_rate >= min_success_rate]
             drop = [p.pattern_id for p in delta.upserts if p.success_rate < min_success_rate]
@@ -208,7 +261,9 @@ class ShardStore:
                 delta.device_id,
                 delta.local_version,
             )
-            return SyncOutcome(delta.local_version, False, int(stored), global_version)
+            return SyncOutcome(
+                delta.local_version, False, int(stored), global_version, model.version
+            )
 
     # ---- global patterns ---------------------------------------------------------------------
 
@@ -258,18 +313,20 @@ class ShardStore:
 
     async def publish_round(
         self,
-        round_id: int,
-        patterns: Sequence[GlobalPatternRow],
-        trending: Sequence[TrendingRow],
+        published: ValidatedRound,
         *,
         epsilon: float,
         cumulative_epsilon: float,
+        noise_multiplier: float = 0.0,
     ) -> tuple[int, int, bool]:
         """Store a federation round once; returns (global version, patterns stored, duplicate).
 
         A round at or below the current global version is acknowledged without writing, so a
-        worker re-running a crashed round cannot double-apply it.
+        worker re-running a crashed round cannot double-apply it. A round with model rows
+        also makes them the new model version (= the round) in the same transaction: see
+        `_publish_model`.
         """
+        round_id, patterns, trending = published.round, published.patterns, published.trending
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
             await conn.execute("LOCK TABLE published_rounds IN EXCLUSIVE MODE")
             current = await self._global_version(conn)
@@ -308,15 +365,114 @@ class ShardStore:
                 )
             await conn.execute(
                 "INSERT INTO published_rounds (round, patterns, trending, epsilon,"
-                " cumulative_epsilon) VALUES ($1, $2, $3, $4, $5)",
+                " cumulative_epsilon, model_rows, model_factors, noise_multiplier)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
                 round_id,
                 len(patterns),
                 len(trending),
                 epsilon,
                 cumulative_epsilon,
+                len(published.item_factors),
+                published.factors,
+                noise_multiplier,
             )
+            if published.item_factors:
+                await self._publish_model(conn, round_id, published)
             await self._set_state(conn, _GLOBAL_VERSION, str(round_id))
             return round_id, len(patterns), False
+
+    async def _publish_model(
+        self, conn: asyncpg.Connection, round_id: int, published: ValidatedRound
+    ) -> None:
+        """Upsert a round's model rows as model version ``round_id``.
+
+        When the factor count changes, rows the round does not carry are of the old size: they
+        are marked as left the model (NULL factor, changed in this version) so that no fetch
+        mixes sizes. Model updates computed against older versions are deleted (consumed by
+        this round or stale).
+        """
+        previous = await self._model_state(conn)
+        await conn.executemany(
+            "INSERT INTO item_factors (content_id, factor, factor_scale, model_version)"
+            " VALUES ($1, $2, $3, $4) ON CONFLICT (content_id) DO UPDATE SET"
+            " factor = EXCLUDED.factor, factor_scale = EXCLUDED.factor_scale,"
+            " model_version = EXCLUDED.model_version",
+            [(r.content_id, r.codes, r.scale, round_id) for r in published.item_factors],
+        )
+        if previous.factors and previous.factors != published.factors:
+            await conn.execute(
+                "UPDATE item_factors SET factor = NULL, factor_scale = NULL, model_version = $1"
+                " WHERE model_version < $1 AND factor IS NOT NULL",
+                round_id,
+            )
+        await conn.execute("DELETE FROM model_updates WHERE model_version < $1", round_id)
+        await self._set_state(conn, _MODEL_VERSION, str(round_id))
+        await self._set_state(conn, _MODEL_FACTORS, str(published.factors))
+
+    # ---- item-factor model -------------------------------------------------------------------
+
+    @staticmethod
+    async def _model_state(conn: asyncpg.Connection) -> ModelState:
+        rows = await conn.fetch(
+            "SELECT key, value FROM shard_state WHERE key = ANY($1::text[])",
+            [_MODEL_VERSION, _MODEL_FACTORS],
+        )
+        values = {r["key"]: int(r["value"]) for r in rows}
+        return ModelState(values.get(_MODEL_VERSION, 0), values.get(_MODEL_FACTORS, 0))
+
+    async def model_state(self) -> ModelState:
+        """The current model version (0 before the first) and its factor count."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            return await self._model_state(conn)
+
+    async def load_model(self) -> tuple[ModelState, list[ItemFactorRecord]]:
+        """(model state, every row of ``item_factors`` in content id order), one snapshot."""
+        async with (
+            self._pool.acquire(timeout=self._timeout) as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            state = await self._model_state(conn)
+            rows = await conn.fetch(
+                "SELECT content_id, factor, factor_scale, model_version FROM item_factors"
+                " ORDER BY content_id"
+            )
+        return state, [
+            ItemFactorRecord(
+                content_id=r["content_id"],
+                codes=None if r["factor"] is None else bytes(r["factor"]),
+                scale=r["factor_scale"],
+                model_version=r["model_version"],
+            )
+            for r in rows
+        ]
+
+    async def export_model_updates(
+        self, *, batch_size: int, max_batch_bytes: int = 8 << 20
+    ) -> AsyncIterator[list[ExportedUpdateRow]]:
+        """Yield every stored model update (one per device), in batches.
+
+        Rows come from a server-side cursor, so memory stays bounded; a batch ends at
+        ``batch_size`` rows or once its payloads reach ``max_batch_bytes``.
+        """
+        async with (
+            self._pool.acquire(timeout=self._timeout) as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            batch: list[ExportedUpdateRow] = []
+            size = 0
+            async for r in conn.cursor(
+                "SELECT d.device_key, m.payload FROM model_updates m JOIN devices d"
+                " USING (device_id) ORDER BY m.device_id",
+                prefetch=max(min(batch_size, 1000), 100),
+            ):
+                row = ExportedUpdateRow(device_key=r["device_key"], payload=bytes(r["payload"]))
+                batch.append(row)
+                size += len(row.payload)
+                if len(batch) >= batch_size or size >= max_batch_bytes:
+                    yield batch
+                    batch, size = [], 0
+            if batch:
+                yield batch
 
     @staticmethod
     async def _set_state(conn: asyncpg.Connection, key: str, value: str) -> None:

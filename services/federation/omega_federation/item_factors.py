@@ -23,12 +23,14 @@ Everything after the noise is post-processing and costs no privacy. Memory is bo
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import numpy as np
 import numpy.typing as npt
 
 __all__ = [
     "UpdateAccumulator",
+    "central_item_factors",
     "initial_item_factors",
     "orthonormalize",
     "top_items",
@@ -76,7 +78,7 @@ class UpdateAccumulator:
         self.devices = 0
         """Updates added so far."""
         self.clipped = 0
-        """Updates that were scaled down to the clipping norm (beyond float32 rounding)."""
+        """Updates scaled down by more than 1% (int8 rounding of exact-norm ones not counted)."""
 
     @property
     def active(self) -> npt.NDArray[np.int64]:
@@ -128,8 +130,8 @@ class UpdateAccumulator:
         scale = 1.0
         if norm > self._clip:
             scale = self._clip / norm
-            # Updates sent at exactly the clipping norm come back a float32 rounding above it.
-            self.clipped += norm > self._clip * (1.0 + 1e-5)
+            # Updates sent at exactly the clipping norm come back an int8 rounding above it.
+            self.clipped += norm > self._clip * 1.01
         self._sum[rows] += np.outer(p * scale, direction)
         self.devices += 1
         return scale
@@ -234,3 +236,35 @@ def top_items(noisy_counts: npt.NDArray[np.float64], m: int) -> npt.NDArray[np.i
         raise ValueError("counts must be finite")
     order = np.argsort(-counts, kind="stable")[:m]
     return np.sort(order).astype(np.int64)
+
+
+def central_item_factors(
+    preferences: Iterable[tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]],
+    n_items: int,
+    dim: int,
+) -> npt.NDArray[np.float32]:
+    """The model trained centrally: the exact top-``dim`` eigenvectors of ``G = sum p p^T``.
+
+    The fixed point the federated rounds approach without noise (PureSVD's item space); used
+    as the upper bound of the design in reports and benchmarks, never by the fleet.
+
+    Args:
+        preferences: Per device ``(items (m,) int64, p (m,) float32)``.
+        n_items: Catalog size (the Gram matrix is ``n_items x n_items`` float64).
+        dim: Number of factors, ``1 <= dim <= n_items``.
+
+    Returns:
+        (n_items, dim) float32 orthonormal columns, leading eigenvector first.
+
+    Raises:
+        ValueError: ``dim`` out of range or a position outside the catalog.
+    """
+    if not 1 <= dim <= n_items:
+        raise ValueError(f"dim must be in [1, {n_items}], got {dim}")
+    gram = np.zeros((n_items, n_items), dtype=np.float64)
+    for items, p in preferences:
+        if items.size and (items.min() < 0 or items.max() >= n_items):
+            raise ValueError(f"item positions must be in [0, {n_items})")
+        gram[np.ix_(items, items)] += np.outer(p, p)
+    _, vectors = np.linalg.eigh(gram)
+    return np.ascontiguousarray(vectors[:, ::-1][:, :dim]).astype(np.float32)

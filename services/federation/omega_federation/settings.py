@@ -55,3 +55,32 @@ class FederationSettings(ServiceSettings):
     rpc_timeout_seconds: float = Field(120.0, gt=0, description="Deadline of one shard RPC.")
     rpc_attempts: int = Field(3, ge=1, description="Attempts per shard RPC on UNAVAILABLE.")
     seed: int | None = Field(None, description="RNG seed for reproducible rounds (tests).")
+
+    # The collaborative model (federated subspace iteration, omega_federation.model_round).
+    # Defaults: the values chosen on the MovieLens validation split at epsilon 8
+    # (bench/collaborative_quality.py, README "Federated collaborative filtering").
+    model_factors: int = Field(
+        8, ge=0, le=256, description="Factors per item of the global model; 0 disables it."
+    )
+    model_active_items: int = Field(
+        250, ge=1, description="Items in the model: the top ones by the first noisy counts."
+    )
+    model_noise_multiplier: float | None = Field(
+        None,
+        ge=0,
+        description="Gaussian noise multiplier z of every model release (sensitivity 1); 0 "
+        "releases exact sums (no privacy); unset: calibrated so that "
+        "model_planned_releases releases spend model_epsilon_budget.",
+    )
+    model_epsilon_budget: float = Field(
+        8.0, gt=0, description="Cumulative epsilon per device the model may spend, all rounds."
+    )
+    model_delta: float = Field(
+        1e-5, gt=0, lt=1, description="Delta per device of the model's releases, all rounds."
+    )
+    model_planned_releases: int = Field(
+        3, ge=1, description="Releases the budget is planned for (1 count release + steps)."
+    )
+    model_min_devices: int = Field(
+        1, ge=1, description="Devices a round needs before it releases anything for the model."
+    )

@@ -35,6 +35,7 @@ class RoundRecord:
     payload: bytes
     privacy: dict[str, Any]
     figures: dict[str, Any]
+    model: dict[str, Any]
 
 
 class WorkerState:
@@ -66,7 +67,7 @@ class WorkerState:
     async def latest(self) -> RoundRecord | None:
         """The highest round, whatever its status."""
         row = await self._conn.fetchrow(
-            "SELECT round_id, status, watermarks, payload, privacy, figures"
+            "SELECT round_id, status, watermarks, payload, privacy, figures, model"
             " FROM federation_rounds ORDER BY round_id DESC LIMIT 1"
         )
         return None if row is None else _record(row)
@@ -74,7 +75,7 @@ class WorkerState:
     async def latest_published(self) -> RoundRecord | None:
         """The highest round that reached every shard, or None."""
         row = await self._conn.fetchrow(
-            "SELECT round_id, status, watermarks, payload, privacy, figures"
+            "SELECT round_id, status, watermarks, payload, privacy, figures, model"
             " FROM federation_rounds WHERE status = 'published' ORDER BY round_id DESC LIMIT 1"
         )
         return None if row is None else _record(row)
@@ -86,11 +87,12 @@ class WorkerState:
         payload: bytes,
         privacy: dict[str, Any],
         figures: dict[str, Any],
+        model: dict[str, Any] | None = None,
     ) -> None:
-        """Checkpoint a computed round before publishing it."""
+        """Checkpoint a computed round before publishing it (``model``: `ModelState` dict)."""
         await self._conn.execute(
             "INSERT INTO federation_rounds (round_id, status, watermarks, payload, privacy,"
-            " figures, started_at) VALUES ($1, 'aggregated', $2, $3, $4, $5, now())",
+            " figures, model, started_at) VALUES ($1, 'aggregated', $2, $3, $4, $5, $6, now())",
             round_id,
             {
                 k: {"watermark_ms": m.watermark_ms, "views_round": m.views_round}
@@ -99,6 +101,7 @@ class WorkerState:
             payload,
             privacy,
             figures,
+            model or {},
         )
 
     async def mark_published(self, round_id: int, figures: dict[str, Any]) -> None:
@@ -149,4 +152,5 @@ def _record(row: Any) -> RoundRecord:
         payload=bytes(row["payload"]),
         privacy=row["privacy"],
         figures=row["figures"],
+        model=row["model"],
     )

@@ -8,7 +8,9 @@ A round (ARCHITECTURE.md section 4):
 4. group by (context bucket, codebook centroid), keep groups with >= ``min_sources`` devices,
    quality-weighted federated averaging with differential privacy (`aggregation`);
 5. trends from noisy view counts, decayed per hour (`trends`);
-6. checkpoint the round, publish it to every shard (idempotent per round), mark it published.
+6. the collaborative model: create it or take one noisy subspace-iteration step from the
+   devices' model updates, charged to its privacy ledger (`model_round`);
+7. checkpoint the round, publish it to every shard (idempotent per round), mark it published.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ import structlog
 from omega.v1 import federation_pb2, federation_pb2_grpc, patterns_pb2, sync_pb2, sync_pb2_grpc
 from omega_common.errors import UnavailableError
 from omega_federation import metrics
+from omega_federation.accounting import calibrate_noise_multiplier
 from omega_federation.aggregation import AggregatedPattern, Contributions, federated_average
 from omega_federation.codebook import Codebook
+from omega_federation.model_round import ModelSettings, ModelState, model_round
 from omega_federation.privacy import PrivacyAccountant, PrivacyParams
 from omega_federation.settings import FederationSettings
 from omega_federation.state import RoundRecord, ShardMark, WorkerState
@@ -40,6 +44,11 @@ from omega_protocol import (
     decode_embedding,
     dequantize_int8,
     encode_embedding,
+)
+from omega_protocol.model_update import (
+    ItemFactorContribution,
+    ModelUpdateError,
+    decode_item_factor_update,
 )
 
 __all__ = ["RoundReport", "run_periodic", "run_round"]
@@ -63,6 +72,8 @@ class RoundReport:
     cumulative_epsilon: float = 0.0
     seconds: float = 0.0
     shards: dict[str, int] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    """The collaborative model's figures (`ModelRoundResult.figures` and export counts)."""
 
 
 @dataclass
@@ -74,6 +85,8 @@ class _Export:
     rates: list[float] = field(default_factory=list)
     samples: list[int] = field(default_factory=list)
     views: dict[str, int] = field(default_factory=dict)
+    model_updates: dict[str, ItemFactorContribution] = field(default_factory=dict)
+    malformed_model_updates: int = 0
 
     def contributions(self) -> Contributions:
         n = len(self.codes)
@@ -151,6 +164,13 @@ async def _export_shard(
             count += 1
         for view in batch.content_views:
             sink.views[view.content_id] = sink.views.get(view.content_id, 0) + view.views
+        for exported_update in batch.model_updates:
+            try:
+                update = decode_item_factor_update(exported_update.update)
+            except ModelUpdateError:
+                sink.malformed_model_updates += 1  # a shard validated it on write
+                continue
+            sink.model_updates[f"{shard_id}/{exported_update.device_key}"] = update
     # Views tagged with rounds up to the shard's current version are now counted.
     return ShardMark(watermark, shard_version + 1), count
 
@@ -327,6 +347,38 @@ async def _new_round(
         accountant.cumulative_epsilon,
         settings.delta,
     )
+    model_state = ModelState.from_dict(latest.model if latest else None)
+    model_figures: dict[str, Any] = {}
+    if settings.model_factors > 0:
+        catalog_ids, _ = await _catalog(channels, settings)
+        noise = _model_noise_multiplier(settings)
+        stepped = await asyncio.to_thread(
+            model_round,
+            round_id,
+            model_state,
+            list(sink.model_updates.values()),
+            catalog_ids,
+            ModelSettings(
+                factors=settings.model_factors,
+                active_items=settings.model_active_items,
+                noise_multiplier=noise,
+                delta=settings.model_delta,
+                epsilon_budget=settings.model_epsilon_budget,
+                min_devices=settings.model_min_devices,
+            ),
+            rng,
+        )
+        model_state = stepped.state
+        request.item_factors.extend(stepped.rows)
+        request.factors = model_state.factors
+        request.noise_multiplier = noise
+        model_figures = {
+            **stepped.figures(),
+            "model_updates_exported": len(sink.model_updates),
+            "model_updates_malformed": sink.malformed_model_updates,
+            "model_noise_multiplier": noise,
+            "model_rows_published": len(stepped.rows),
+        }
     figures: dict[str, Any] = {
         "exported_patterns": exported,
         "per_shard": per_shard,
@@ -335,10 +387,16 @@ async def _new_round(
         "trending": len(trending),
         "epsilon": epsilon,
         "cumulative_epsilon": accountant.cumulative_epsilon,
+        **model_figures,
         "finished_at": time.time(),
     }
     await state.save_aggregated(
-        round_id, new_marks, request.SerializeToString(), accountant.to_dict(), figures
+        round_id,
+        new_marks,
+        request.SerializeToString(),
+        accountant.to_dict(),
+        figures,
+        model_state.to_dict(),
     )
     stored = await _publish(stubs, request, settings)
     await state.mark_published(round_id, figures)
@@ -363,6 +421,7 @@ async def _new_round(
         cumulative_epsilon=accountant.cumulative_epsilon,
         seconds=seconds,
         shards=stored,
+        model=model_figures,
     )
 
 
@@ -373,13 +432,21 @@ def _previous_trending(latest: RoundRecord | None) -> dict[str, float]:
     return {t.content_id: t.score for t in request.trending}
 
 
-async def _catalog_embeddings(
+async def _catalog(
     channels: Mapping[str, grpc.aio.Channel], settings: FederationSettings
-) -> np.ndarray:
-    """Every catalog embedding of the first shard that answers, via FetchEmbeddings."""
+) -> tuple[list[str], np.ndarray]:
+    """Every catalog item of the first shard that answers, via FetchEmbeddings.
+
+    Returns:
+        ``(content ids, (n, 384) float32 embeddings)`` in the shard's paging order.
+
+    Raises:
+        UnavailableError: no shard answered.
+    """
     last: Exception | None = None
     for shard_id, channel in sorted(channels.items()):
         stub = sync_pb2_grpc.ConstellationSyncStub(channel)
+        ids: list[str] = []
         rows: list[np.ndarray] = []
         token = ""
         try:
@@ -388,6 +455,7 @@ async def _catalog_embeddings(
                     sync_pb2.FetchEmbeddingsRequest(page_size=1000, page_token=token),
                     timeout=settings.rpc_timeout_seconds,
                 )
+                ids += [item.content_id for item in page.items]
                 rows += [decode_embedding(item.embedding) for item in page.items]
                 token = page.next_page_token
                 if not token:
@@ -396,10 +464,19 @@ async def _catalog_embeddings(
             last = UnavailableError(f"catalog from {shard_id}: {exc.code().name}")
             continue
         if rows:
-            return np.stack(rows)
+            return ids, np.stack(rows)
     if last is not None:
         raise last
-    return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
+    return [], np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
+
+
+def _model_noise_multiplier(settings: FederationSettings) -> float:
+    """The configured z, or the one that spends the budget over the planned releases."""
+    if settings.model_noise_multiplier is not None:
+        return settings.model_noise_multiplier
+    return calibrate_noise_multiplier(
+        settings.model_epsilon_budget, settings.model_delta, settings.model_planned_releases
+    )
 
 
 async def _codebook(
@@ -418,7 +495,7 @@ async def _codebook(
     data = await state.codebook()
     if data is not None:
         return Codebook.from_bytes(data)
-    public = await _catalog_embeddings(channels, settings)
+    _, public = await _catalog(channels, settings)
     if len(public) == 0:
         _log.warning("codebook_from_private_patterns", reason="empty catalog")
         public = fallback

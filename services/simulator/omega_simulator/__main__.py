@@ -14,10 +14,64 @@ import tempfile
 import time
 from pathlib import Path
 
-from omega_data import load_movielens
+from omega_data import MovieLens, load_movielens
+from omega_federation.accounting import calibrate_noise_multiplier
+from omega_simulator.privacy_plot import central_reference, write_privacy_plot
 from omega_simulator.replay import replay_movielens
+from omega_simulator.report import SimulationReport
 from omega_simulator.settings import SimulatorSettings
 from omega_simulator.stack import LocalStack, run_federation_round, write_catalog_file
+
+
+def _model_env(
+    factors: int, active_items: int, noise_multiplier: float, settings: SimulatorSettings
+) -> dict[str, str]:
+    return {
+        "OMEGA_FEDERATION_MODEL_FACTORS": str(factors),
+        "OMEGA_FEDERATION_MODEL_ACTIVE_ITEMS": str(active_items),
+        "OMEGA_FEDERATION_MODEL_NOISE_MULTIPLIER": repr(noise_multiplier),
+        "OMEGA_FEDERATION_MODEL_EPSILON_BUDGET": repr(settings.model_epsilon),
+        "OMEGA_FEDERATION_MODEL_DELTA": repr(settings.model_delta),
+    }
+
+
+def _replay_on_new_stack(
+    settings: SimulatorSettings,
+    work: Path,
+    ml: MovieLens,
+    catalog: Path,
+    model_env: dict[str, str],
+    model_rounds: int,
+) -> SimulationReport:
+    """Start Postgres + shards, replay every user, run the rounds, stop everything."""
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "devices").mkdir(exist_ok=True)
+    stack = LocalStack(work, settings.shard_count, env={"OMEGA_CONSTELLATION_LOG_LEVEL": "WARNING"})
+    federation_env = {
+        "OMEGA_FEDERATION_MIN_SOURCES": str(settings.min_sources),
+        "OMEGA_FEDERATION_EPSILON": str(settings.epsilon),
+        "OMEGA_FEDERATION_SEED": str(settings.seed),
+        "OMEGA_FEDERATION_CODEBOOK_SIZE": str(settings.codebook_size),
+        "OMEGA_FEDERATION_CLIPPING_NORM": str(settings.clipping_norm),
+        "OMEGA_FEDERATION_MAX_PATTERNS_PER_DEVICE": str(settings.max_patterns_per_device),
+    }
+    settle = settings.export_settle_ms / 1000.0
+
+    def federation_round(extra: dict[str, str]) -> dict[str, object]:
+        time.sleep(settle + 0.05)  # let the last writes pass the shards' export settle time
+        return stack.federation_round({**federation_env, **extra})
+
+    with stack.running(catalog, settings.export_settle_ms):
+        print(f"started {len(stack.shards)} shards: {stack.shards}; logs in {work}")
+        return replay_movielens(
+            settings,
+            stack.shards,
+            federation_round,
+            work / "devices",
+            model_env=model_env,
+            model_rounds=model_rounds,
+            movielens=ml,
+        )
 
 
 def _run(settings: SimulatorSettings) -> int:
@@ -25,39 +79,44 @@ def _run(settings: SimulatorSettings) -> int:
     with tempfile.TemporaryDirectory(prefix="omega-run-") as tmp:
         work = settings.work_dir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        (work / "devices").mkdir(exist_ok=True)
         print("loading MovieLens 100K and catalog embeddings (cached after the first run)...")
         ml = load_movielens()
         catalog = work / "catalog.npz"
         n = write_catalog_file(ml, catalog)
         print(f"catalog: {n} items embedded with all-MiniLM-L6-v2")
-        stack = LocalStack(
-            work, settings.shard_count, env={"OMEGA_CONSTELLATION_LOG_LEVEL": "WARNING"}
+        releases = 1 + settings.model_rounds
+        noise = calibrate_noise_multiplier(settings.model_epsilon, settings.model_delta, releases)
+        print(
+            f"\n== replay with differential privacy: epsilon {settings.model_epsilon:g} per device"
+            f" over {releases} model releases, noise multiplier {noise:.3f} =="
         )
-        federation_env = {
-            "OMEGA_FEDERATION_MIN_SOURCES": str(settings.min_sources),
-            "OMEGA_FEDERATION_EPSILON": str(settings.epsilon),
-            "OMEGA_FEDERATION_SEED": str(settings.seed),
-            "OMEGA_FEDERATION_CODEBOOK_SIZE": str(settings.codebook_size),
-            "OMEGA_FEDERATION_CLIPPING_NORM": str(settings.clipping_norm),
-            "OMEGA_FEDERATION_MAX_PATTERNS_PER_DEVICE": str(settings.max_patterns_per_device),
-        }
-        settle = settings.export_settle_ms / 1000.0
-
-        def federation_round() -> dict[str, object]:
-            time.sleep(settle + 0.05)  # let the last writes pass the shards' export settle time
-            return stack.federation_round(federation_env)
-
-        with stack.running(catalog, settings.export_settle_ms):
-            print(f"started {len(stack.shards)} shards: {stack.shards}; logs in {work}")
-            report = replay_movielens(
-                settings, stack.shards, federation_round, work / "devices", movielens=ml
+        report = _replay_on_new_stack(
+            settings,
+            work / "dp",
+            ml,
+            catalog,
+            _model_env(settings.model_factors, settings.model_active_items, noise, settings),
+            settings.model_rounds,
+        )
+        report.label_federated("brain, federated (DP)")
+        if settings.clean_model_rounds:
+            print("\n== replay without noise (the same system, no differential privacy) ==")
+            clean = _replay_on_new_stack(
+                settings,
+                work / "clean",
+                ml,
+                catalog,
+                _model_env(settings.clean_model_factors, n, 0.0, settings),
+                settings.clean_model_rounds,
             )
+            report.add_run("brain, federated (no noise)", clean)
+        report.add_central(central_reference(ml, settings.clean_model_factors))
         report.wall_seconds = time.perf_counter() - started
+        plot = write_privacy_plot(report, ml, settings, settings.output_dir)
         print()
         print(report.render())
         path = report.write(settings.output_dir)
-        print(f"\nreport written to {path}")
+        print(f"\nreport written to {path}; precision vs epsilon plotted in {plot}")
     return 0 if report.syncs.failed == 0 else 1
 
 
@@ -69,11 +128,18 @@ def _replay(settings: SimulatorSettings) -> int:
         work = settings.work_dir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         env = {"OMEGA_FEDERATION_SHARDS": json.dumps(settings.shards)}
+        noise = calibrate_noise_multiplier(
+            settings.model_epsilon, settings.model_delta, 1 + settings.model_rounds
+        )
         report = replay_movielens(
             settings,
             settings.shards,
-            lambda: run_federation_round(env, work / "federation.log"),
+            lambda extra: run_federation_round({**env, **extra}, work / "federation.log"),
             work / "devices",
+            model_env=_model_env(
+                settings.model_factors, settings.model_active_items, noise, settings
+            ),
+            model_rounds=settings.model_rounds,
         )
     print()
     print(report.render())

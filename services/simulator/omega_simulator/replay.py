@@ -37,8 +37,11 @@ __all__ = ["Device", "RoundRunner", "replay_movielens"]
 
 _log = structlog.get_logger(component="simulator")
 
-RoundRunner = Callable[[], dict[str, Any]]
-"""Runs one federation round and returns its report (a dict with ``patterns_published``...)."""
+RoundRunner = Callable[[dict[str, str]], dict[str, Any]]
+"""Runs one federation round with extra ``OMEGA_FEDERATION_*`` variables; returns its report."""
+
+MODEL_OFF: dict[str, str] = {"OMEGA_FEDERATION_MODEL_FACTORS": "0"}
+"""Rounds between replay phases leave the collaborative model alone."""
 
 
 def completion_of(rating: float) -> float:
@@ -88,6 +91,8 @@ def _sync(device: Device, stats: SyncStats) -> None:
         stats.bytes_up.append(result.bytes_up)
         stats.bytes_down.append(result.bytes_down)
         stats.latency_seconds.append(result.latency_seconds)
+        if result.model_bytes_down:
+            stats.model_bytes_down.append(result.model_bytes_down)
         device.patterns_stored = result.server_pattern_count
     else:
         stats.failed += 1
@@ -119,16 +124,25 @@ def replay_movielens(
     run_round: RoundRunner,
     work_dir: Path,
     *,
+    model_env: Mapping[str, str],
+    model_rounds: int,
     movielens: MovieLens | None = None,
     progress: Callable[[str], None] = print,
 ) -> SimulationReport:
     """Replay every MovieLens user against ``shards`` and evaluate on the hold-out.
+
+    The training history is replayed in ``settings.phases`` phases with a round after each
+    (patterns and trends; the collaborative model off); then ``1 + model_rounds`` model rounds
+    (the first creates the model, the others step it), each after every device synced (sent
+    its contribution, fetched the model); then a last sync and the evaluation.
 
     Args:
         settings: replay parameters.
         shards: shard id -> gRPC address of a running constellation replica.
         run_round: runs one federation round over all shards (a real worker process in `run`).
         work_dir: folder for the devices' SQLite stores.
+        model_env: ``OMEGA_FEDERATION_MODEL_*`` variables of the model rounds.
+        model_rounds: model steps after the round that creates the model.
         movielens: preloaded data (loaded from the cache when None).
         progress: where progress lines go.
 
@@ -174,16 +188,28 @@ def replay_movielens(
                     f" syncs ok {stats.ok} failed {stats.failed}"
                     f" ({time.perf_counter() - t0:.1f} s)"
                 )
-                rounds.append(run_round())
+                rounds.append(run_round(dict(MODEL_OFF)))
                 r = rounds[-1]
                 progress(
                     f"federation round {r.get('round_id')}: {r.get('exported_patterns')} patterns"
                     f" exported, {r.get('patterns_published')} global patterns,"
                     f" {r.get('trending_published')} trending, epsilon {r.get('epsilon', 0):.2f}"
                 )
-            # Every device pulls the last round before it is asked for recommendations.
-            for s in pool.map(_final_pull, devices):
-                stats.merge(s)
+            for _ in range(1 + model_rounds):
+                # Every device syncs: sends its contribution for the model version it holds.
+                for s in pool.map(_final_pull, devices):
+                    stats.merge(s)
+                rounds.append(run_round(dict(model_env)))
+                m = rounds[-1].get("model", {})
+                progress(
+                    f"model round {rounds[-1].get('round_id')}: {m.get('model_action')},"
+                    f" {m.get('model_devices')} devices, version {m.get('model_version')},"
+                    f" epsilon {m.get('model_cumulative_epsilon', 0.0):.2f} cumulative"
+                )
+                # ... and syncs again to fetch what the round published (after the last
+                # round: before it is asked for recommendations).
+                for s in pool.map(_final_pull, devices):
+                    stats.merge(s)
         quality = _evaluate(devices, splits, len(ml.items))
         patterns_stored = sum(d.patterns_stored for d in devices)
         for d in devices:

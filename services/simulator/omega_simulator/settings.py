@@ -39,10 +39,32 @@ class SimulatorSettings(BaseSettings):
             "epsilon 1 the noise needed hides every group (production fleets have millions)."
         ),
     )
+    # Defaults of the model knobs: chosen on the MovieLens validation split
+    # (bench/collaborative_quality.py; README "Federated collaborative filtering").
     codebook_size: int = Field(4, ge=1, description="Codebook centroids (pattern keys per bucket).")
     clipping_norm: float = Field(5.0, gt=0, description="Per-device weight clip of the rounds.")
     max_patterns_per_device: int = Field(2, ge=1, description="Groups a device may join per round.")
     seed: int = Field(42, description="Seed of the federation worker's noise.")
+    model_factors: int = Field(
+        8, ge=1, le=256, description="Factors of the collaborative model in the DP run."
+    )
+    model_active_items: int = Field(250, ge=1, description="Items in the model (DP run).")
+    model_rounds: int = Field(
+        2, ge=1, description="Model steps after the round that creates it (DP run)."
+    )
+    model_epsilon: float = Field(
+        8.0,
+        gt=0,
+        description="Cumulative epsilon per device of the model over the whole replay; the "
+        "noise multiplier is calibrated for 1 + model_rounds releases at model_delta.",
+    )
+    model_delta: float = Field(1e-5, gt=0, lt=1, description="Delta per device of the model.")
+    clean_model_factors: int = Field(
+        32, ge=1, le=256, description="Factors of the model in the run without noise."
+    )
+    clean_model_rounds: int = Field(
+        16, ge=0, description="Model steps of the run without noise; 0 skips that run."
+    )
     brain: dict[str, Any] = Field(
         default_factory=dict,
         description='BrainConfig overrides as JSON, e.g. {"trend_weight": 0.5}.',
