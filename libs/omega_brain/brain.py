@@ -827,7 +827,11 @@ class Brain:
         if fetched.factors:
             updates["model_factors"] = fetched.factors
         with self._store.transaction():
-            self._store.apply_model_rows(fetched.rows, replace=fetched.since_model_version == 0)
+            self._store.apply_model_rows(
+                fetched.rows,
+                replace=fetched.since_model_version == 0,
+                factors=fetched.factors or self._state["model_factors"],
+            )
             self._store.set_state(updates)
         self._state.update(updates)
         self._model = self._store.model()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -509,9 +509,9 @@ def _download_model_once(
             raise _ModelVersionMoved
         elif page_factors != factors:
             raise SyncError(f"FetchModel: factor count changed from {factors} to {page_factors}")
-        for row in response.rows:
+        for row, factor in zip(response.rows, _decode_factors(response.rows, factors), strict=True):
             rows.pop(row.content_id, None)  # a repeated id keeps its last copy, in that place
-            rows[row.content_id] = (_decode_factor(row, factors), int(row.model_version))
+            rows[row.content_id] = (factor, int(row.model_version))
         token = response.next_page_token
         if not token:
             break
@@ -527,6 +527,33 @@ def _download_model_once(
         since_model_version=since,
         bytes_down=progress.bytes_down,
     )
+
+
+def _decode_factors(
+    rows: Sequence[patterns_pb2.ItemFactorRow], factors: int
+) -> list[npt.NDArray[np.float32] | None]:
+    """Decode a page of rows; INT8 factors in one vectorized pass (the common case)."""
+    int8 = patterns_pb2.EMBEDDING_ENCODING_INT8
+    fast = (
+        1 <= factors <= MAX_MODEL_FACTORS
+        and bool(rows)
+        and all(
+            r.content_id
+            and r.HasField("factor")
+            and r.factor.encoding == int8
+            and r.factor.dim == factors
+            and len(r.factor.data) == factors
+            for r in rows
+        )
+    )
+    if not fast:
+        return [_decode_factor(row, factors) for row in rows]
+    codes = np.frombuffer(b"".join(r.factor.data for r in rows), dtype=np.int8)
+    scales = np.fromiter((r.factor.scale for r in rows), dtype=np.float32, count=len(rows))
+    matrix = codes.reshape(len(rows), factors).astype(np.float32) * scales[:, None]
+    if not (np.all(np.isfinite(matrix)) and np.all(scales >= 0)):
+        return [_decode_factor(row, factors) for row in rows]  # names the bad row
+    return list(matrix)
 
 
 def _decode_factor(row: patterns_pb2.ItemFactorRow, factors: int) -> npt.NDArray[np.float32] | None:

@@ -244,7 +244,7 @@ def test_version_1_store_is_migrated(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     Store(path, "tv-1").close()
     conn = sqlite3.connect(path)
-    conn.execute("DROP TABLE model_rows")
+    conn.execute("DROP TABLE model")
     conn.execute("DELETE FROM sync_state WHERE key LIKE 'model_%'")
     conn.execute("UPDATE sync_state SET value = 5 WHERE key = 'local_version'")
     conn.execute("PRAGMA user_version = 1")
@@ -523,7 +523,7 @@ def test_zero_user_factor_keeps_todays_ranking(catalog: CatalogIndex) -> None:
 def test_cold_items_can_appear(catalog: CatalogIndex) -> None:
     shard = ModelShard()
     shard.publish(1, {f"item-{i}": (np.array([1.0, 0.0], dtype=np.float32), 1) for i in (0, 8)})
-    with fresh_brain(catalog, shard, mmr_lambda=1.0) as brain:
+    with fresh_brain(catalog, shard, mmr_lambda=1.0, model_cold_weight=0.5) as brain:
         watch(brain, [0])
         assert brain.sync().model_version == 1
         recs = brain.recommend(5, timestamp_ms=TS)

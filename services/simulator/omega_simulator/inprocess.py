@@ -28,7 +28,8 @@ from omega_brain.collaborative import (
     score_items,
     user_factor,
 )
-from omega_data import MovieLens, chronological_split, evaluate_rankings
+from omega_brain.ranking import mmr
+from omega_data import MovieLens, catalog_embeddings, chronological_split, evaluate_rankings
 from omega_data.evaluation import UserSplit
 from omega_data.movielens import Rating
 from omega_federation.accounting import calibrate_noise_multiplier
@@ -70,6 +71,8 @@ class Config:
     failure: float = 0.0
     trend_weight: float = 0.0
     full_weight_at: float = 1.0
+    mmr_lambda: float = 1.0
+    """MMR re-ranking of the top candidates as the brain does (1.0: relevance order)."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,19 @@ class Dataset:
         self.position = {item: i for i, item in enumerate(item_ids)}
         self.item_ids = list(item_ids)
         self.n_items = len(item_ids)
+        self._vectors: npt.NDArray[np.float32] | None = None
+        self._ml: MovieLens | None = None
+
+    def vectors(self) -> npt.NDArray[np.float32]:
+        """(n_items, 384) float32 unit content embeddings in item order (for MMR), cached."""
+        if self._vectors is None:
+            if self._ml is None:
+                raise ValueError("this dataset has no catalog to embed")
+            ids, embeddings = catalog_embeddings(self._ml)
+            order = {int(i): k for k, i in enumerate(ids)}
+            rows = embeddings[[order[i] for i in self.item_ids]].astype(np.float32)
+            self._vectors = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+        return self._vectors
 
     def preferences(
         self, weights: InteractionWeights
@@ -102,17 +118,30 @@ class Dataset:
         return out
 
 
-def evaluate(dataset: Dataset, scores: list[npt.NDArray[np.float32]]) -> dict[str, float]:
-    """The section-8 metrics of per-device score vectors (training items dropped)."""
+def evaluate(
+    dataset: Dataset, scores: list[npt.NDArray[np.float32]], mmr_lambda: float = 1.0
+) -> dict[str, float]:
+    """The section-8 metrics of per-device score vectors (training items dropped).
+
+    With ``mmr_lambda < 1`` the top ``20 x 5`` candidates are re-ranked with the brain's MMR
+    (``omega_brain.ranking.mmr``) over the catalog's content embeddings, relevance being the
+    score divided by its maximum, as ``Brain.recommend`` does with the model.
+    """
     rankings: dict[int, list[int]] = {}
     splits = {}
-
+    vectors = dataset.vectors() if mmr_lambda < 1.0 else None
     for u, (part, s) in enumerate(zip(dataset.parts, scores, strict=True)):
         s = s.copy()
         seen = [dataset.position[r.item_id] for r in part.fit]
         s[seen] = -np.inf
-        top = np.argpartition(-s, 20)[:20]
-        top = top[np.argsort(-s[top], kind="stable")]
+        if vectors is None:
+            top = np.argpartition(-s, 20)[:20]
+            top = top[np.argsort(-s[top], kind="stable")]
+        else:
+            pool = np.argpartition(-s, 100)[:100]
+            pool = pool[np.argsort(-s[pool], kind="stable")]
+            relevance = s[pool] / max(float(np.max(np.abs(s[pool]))), 1e-12)
+            top = pool[mmr(vectors[pool], relevance.astype(np.float32), 20, mmr_lambda)]
         rankings[u] = [dataset.item_ids[i] for i in top]
         splits[u] = UserSplit(
             user_id=u,
@@ -193,7 +222,9 @@ def mean_metrics(
     dataset: Dataset, config: Config, z: float, seeds: Sequence[int]
 ) -> dict[str, float]:
     """Metrics averaged over seeds (noise and the random start)."""
-    runs = [evaluate(dataset, federated_scores(dataset, config, z, s)) for s in seeds]
+    runs = [
+        evaluate(dataset, federated_scores(dataset, config, z, s), config.mmr_lambda) for s in seeds
+    ]
     return {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
 
 
@@ -219,4 +250,6 @@ def splits_of(ml: MovieLens) -> tuple[Dataset, Dataset]:
     for s in splits.values():
         n_fit = max(1, math.floor(0.8 * len(s.train) + 1e-9))
         parts.append(Part(s.train[:n_fit], s.train[n_fit:]))
-    return test, Dataset(parts, item_ids)
+    validation = Dataset(parts, item_ids)
+    test._ml = validation._ml = ml
+    return test, validation

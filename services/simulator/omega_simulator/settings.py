@@ -63,7 +63,11 @@ class SimulatorSettings(BaseSettings):
         32, ge=1, le=256, description="Factors of the model in the run without noise."
     )
     clean_model_rounds: int = Field(
-        16, ge=0, description="Model steps of the run without noise; 0 skips that run."
+        8,
+        ge=0,
+        description="Model steps of the run without noise; 0 skips that run. 8: the fewest "
+        "rounds within 1% of the best validation precision@10 (4: 0.0992, 8: 0.1012, "
+        "16: 0.1019), each round costing every device a model download.",
     )
     brain: dict[str, Any] = Field(
         default_factory=dict,
