@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 from omega_data import load_movielens
+from omega_federation.accounting import RoundMechanism, epsilon_for
 from omega_federation.settings import FederationSettings
 from omega_federation.state import WorkerState
 from omega_federation.worker import run_round
@@ -91,6 +92,10 @@ async def test_movielens_replay_through_two_shards_and_federation(
     assert privacy["releases"] == 3 and privacy["noise_multiplier"] == 0.5
     assert len(privacy["epsilon_per_round"]) == 3
     assert privacy["cumulative_epsilon"] > max(privacy["epsilon_per_round"])
+    # The ledger went through Postgres between rounds and charged each release exactly once.
+    three = epsilon_for([RoundMechanism((0.5,))] * 3, 1e-5)
+    assert privacy["cumulative_epsilon"] == pytest.approx(three, rel=1e-9)
+    assert sum(privacy["epsilon_per_round"]) == pytest.approx(three, rel=1e-9)
     assert report.syncs.model_bytes_down and min(report.syncs.model_bytes_down) > 0
     assert report.global_patterns_published > 0
     names = [q.recommender for q in report.quality]
