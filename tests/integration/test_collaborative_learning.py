@@ -65,8 +65,9 @@ async def test_federated_model_learns_planted_co_watching(
     channel = grpc.aio.insecure_channel(address)
     settings = FederationSettings(
         shards={"shard-0": address},
-        min_sources=1000,
+        min_sources=1,
         seed=1,
+        patterns_enabled=False,  # only the model is released
         model_factors=2,
         model_active_items=N_ITEMS,
         model_noise_multiplier=0.0,
@@ -93,6 +94,7 @@ async def test_federated_model_learns_planted_co_watching(
             await asyncio.to_thread(sync_all)  # contributions for the model each device holds
             report = await run_round(settings, state, {"shard-0": channel})
             assert report.model["model_action"] in ("created", "stepped")
+            assert report.patterns_published == report.trending_published == 0
             await asyncio.to_thread(sync_all)  # fetch what the round published
         assert probe.stats().model_version == report.model["model_version"]
         learned = [int(r.content_id[1:]) for r in probe.recommend(10, timestamp_ms=EVENING)]

@@ -56,6 +56,13 @@ class FederationSettings(ServiceSettings):
     rpc_attempts: int = Field(3, ge=1, description="Attempts per shard RPC on UNAVAILABLE.")
     seed: int | None = Field(None, description="RNG seed for reproducible rounds (tests).")
 
+    patterns_enabled: bool = Field(
+        True,
+        description="Publish global context patterns and trends (their own DP, zCDP and "
+        "Laplace, outside the model's ledger); false releases only the collaborative model, "
+        "so the model's ledger is the device's whole privacy loss.",
+    )
+
     # The collaborative model (federated subspace iteration, omega_federation.model_round).
     # Defaults: the values chosen on the MovieLens validation split at epsilon 8
     # (bench/collaborative_quality.py, README "Federated collaborative filtering").

@@ -308,7 +308,7 @@ async def _new_round(
     patterns: list[AggregatedPattern] = []
     groups_total = 0
     epsilon = 0.0
-    if exported:
+    if exported and settings.patterns_enabled:
         contributions = sink.contributions()
         codebook = await _codebook(state, channels, contributions.embeddings, settings)
         result = await asyncio.to_thread(
@@ -330,15 +330,17 @@ async def _new_round(
         hours = max(
             0.0, (time.time() - float(latest.figures.get("finished_at", time.time()))) / 3600
         )
-    trending = trend_scores(
-        sink.views,
-        previous,
-        hours,
-        decay_per_hour=settings.trend_decay_per_hour,
-        noise_scale=settings.trend_noise_scale,
-        rng=rng,
-        top_n=settings.trending_top_n,
-    )
+    trending: list[tuple[str, float]] = []
+    if settings.patterns_enabled:
+        trending = trend_scores(
+            sink.views,
+            previous,
+            hours,
+            decay_per_hour=settings.trend_decay_per_hour,
+            noise_scale=settings.trend_noise_scale,
+            rng=rng,
+            top_n=settings.trending_top_n,
+        )
     request = _publish_request(
         round_id,
         patterns,

@@ -54,6 +54,7 @@ def _replay_on_new_stack(
         "OMEGA_FEDERATION_CODEBOOK_SIZE": str(settings.codebook_size),
         "OMEGA_FEDERATION_CLIPPING_NORM": str(settings.clipping_norm),
         "OMEGA_FEDERATION_MAX_PATTERNS_PER_DEVICE": str(settings.max_patterns_per_device),
+        "OMEGA_FEDERATION_PATTERNS_ENABLED": str(settings.patterns).lower(),
     }
     settle = settings.export_settle_ms / 1000.0
 

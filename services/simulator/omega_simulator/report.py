@@ -167,6 +167,18 @@ class SimulationReport:
         path.write_text(json.dumps(self.to_json(), indent=2, default=str))
         return path
 
+    def _pattern_privacy_line(self, last: dict[str, Any]) -> str:
+        released = sum(
+            int(r.get("patterns_published", 0)) + int(r.get("trending_published", 0))
+            for r in self.rounds
+        )
+        if not released:
+            return "pattern privacy         none: no global patterns or trends were published"
+        return (
+            f"pattern privacy         epsilon {last.get('cumulative_epsilon', 0.0):.2f} "
+            f"cumulative over {len(self.rounds)} rounds (global patterns, zCDP; trends Laplace)"
+        )
+
     def render(self) -> str:
         """The human-readable report."""
         s = self.syncs.summary()
@@ -191,8 +203,7 @@ class SimulationReport:
             f"model downloads         {s['model_downloads']:.0f}, bytes per device per round"
             f" median {s['model_bytes_per_download_median']:.0f},"
             f" p95 {s['model_bytes_per_download_p95']:.0f}",
-            f"pattern privacy         epsilon {last.get('cumulative_epsilon', 0.0):.2f} "
-            f"cumulative over {len(self.rounds)} rounds (global patterns, zCDP)",
+            self._pattern_privacy_line(last),
             f"model privacy           epsilon {p['cumulative_epsilon']:.2f} cumulative per device"
             f" over {p['releases']} releases (RDP), delta {p['delta']},"
             f" noise multiplier {p['noise_multiplier']:.3f}",

@@ -45,6 +45,12 @@ class SimulatorSettings(BaseSettings):
     clipping_norm: float = Field(5.0, gt=0, description="Per-device weight clip of the rounds.")
     max_patterns_per_device: int = Field(2, ge=1, description="Groups a device may join per round.")
     seed: int = Field(42, description="Seed of the federation worker's noise.")
+    patterns: bool = Field(
+        False,
+        description="Also publish global context patterns and trends (their own DP, outside "
+        "the model's ledger). Off: the model's cumulative epsilon is each device's whole "
+        "privacy loss over the replay.",
+    )
     model_factors: int = Field(
         8, ge=1, le=256, description="Factors of the collaborative model in the DP run."
     )
