@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PROTO_FILES := $(wildcard proto/omega/v1/*.proto)
 PROTO_OUT := libs/omega_protocol
 
-.PHONY: help setup run data test test-unit test-integration lint format typecheck proto proto-check bench-quality clean
+.PHONY: help setup run data test test-unit test-integration lint format typecheck proto proto-check bench bench-quality bench-recommend clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -47,6 +47,11 @@ format: $(STAMP) ## Apply ruff fixes and formatting
 typecheck: $(STAMP) ## mypy (strict) on our code
 	$(VENV)/bin/mypy
 	$(VENV)/bin/mypy bench
+
+bench: bench-recommend bench-quality ## Every benchmark (about 10 min)
+
+bench-recommend: $(STAMP) ## recommend() p50/p99 at 100K items with the collaborative model vs without, one core
+	$(PY) bench/recommend_latency.py
 
 bench-quality: $(STAMP) ## Tune federated CF on a validation split; hold-out quality vs epsilon (JSON + PNG in reports/collaborative)
 	$(PY) bench/collaborative_quality.py --out reports/collaborative
