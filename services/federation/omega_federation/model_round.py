@@ -147,7 +147,8 @@ def model_round(
         round_id: This round; becomes the model version when the model changes.
         state: The state after the previous round (not modified).
         updates: Every device's latest contribution (one per device), any model version.
-        catalog_ids: The public catalog, in a fixed order (rows of the count release).
+        catalog_ids: The public catalog, in a fixed order (rows of the count release); only
+            read when ``state.version == 0``.
         settings: Factors, active items, noise multiplier, delta and budget.
         rng: Noise source.
 

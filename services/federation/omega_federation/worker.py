@@ -352,7 +352,8 @@ async def _new_round(
     model_state = ModelState.from_dict(latest.model if latest else None)
     model_figures: dict[str, Any] = {}
     if settings.model_factors > 0:
-        catalog_ids, _ = await _catalog(channels, settings)
+        # The catalog is only read by the round that creates the model (its count release).
+        catalog_ids = (await _catalog(channels, settings))[0] if model_state.version == 0 else []
         noise = _model_noise_multiplier(settings)
         stepped = await asyncio.to_thread(
             model_round,
