@@ -2,10 +2,10 @@
 
 What it runs: the device code (``omega_brain.collaborative``), the server's round
 (``omega_federation.item_factors``) and the privacy accountant (``omega_federation.accounting``)
-in one process over MovieLens 100K, every user a device: round 0 releases noisy per-item view
-counts (each device's view vector clipped to L2 norm 1) and picks the model's active items;
-rounds 1..T are federated noisy subspace iterations. Then every device ranks the catalog from
-its own user factor, the model and the trend prior.
+in one process over MovieLens 100K, every user a device: round 0 releases noisy per-item
+counts of the devices' unit-norm weight vectors (as the worker does) and picks the model's
+active items; rounds 1..T are federated noisy subspace iterations. Then every device ranks
+the catalog from its own user factor, the model and the trend prior.
 
 Honest tuning (ARCHITECTURE.md section 8, issue 5): every hyper-parameter is chosen on a
 validation split carved from each user's training part (its first 80% fit, its last 20%

@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -280,10 +281,7 @@ class Brain:
                 page_size=cfg.catalog_page_size,
                 since_catalog_version=since,
                 timeout_seconds=cfg.timeout_seconds,
-                max_attempts=cfg.max_attempts,
-                base_backoff_seconds=cfg.base_backoff_seconds,
-                max_backoff_seconds=cfg.max_backoff_seconds,
-                rng=self._rng,
+                **self._retry_policy(),
             )
             with self._lock:
                 self._check_open()
@@ -711,10 +709,7 @@ class Brain:
             try:
                 response = call_with_retries(
                     lambda: transport.sync_patterns(request, cfg.timeout_seconds),
-                    max_attempts=cfg.max_attempts,
-                    base_backoff_seconds=cfg.base_backoff_seconds,
-                    max_backoff_seconds=cfg.max_backoff_seconds,
-                    rng=self._rng,
+                    **self._retry_policy(),
                     outcome=outcome,
                 )
             except SyncError as exc:
@@ -787,10 +782,7 @@ class Brain:
                 since_model_version=since_version,
                 page_size=cfg.model_page_size,
                 timeout_seconds=cfg.timeout_seconds,
-                max_attempts=cfg.max_attempts,
-                base_backoff_seconds=cfg.base_backoff_seconds,
-                max_backoff_seconds=cfg.max_backoff_seconds,
-                rng=self._rng,
+                **self._retry_policy(),
                 progress=progress,
             )
 
@@ -1070,6 +1062,16 @@ class Brain:
         self.close()
 
     # ------------------------------------------------------------------ internals
+
+    def _retry_policy(self) -> dict[str, Any]:
+        """The retry arguments every call to the shard shares (attempts, backoff, jitter)."""
+        cfg = self._config
+        return {
+            "max_attempts": cfg.max_attempts,
+            "base_backoff_seconds": cfg.base_backoff_seconds,
+            "max_backoff_seconds": cfg.max_backoff_seconds,
+            "rng": self._rng,
+        }
 
     def _check_open(self) -> None:
         if self._closed:

@@ -167,7 +167,11 @@ def _normalized(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
 def federated_scores(
     dataset: Dataset, config: Config, noise_multiplier: float, seed: int
 ) -> list[npt.NDArray[np.float32]]:
-    """Run round 0 (view counts) and ``config.rounds`` model rounds; score every device."""
+    """Round 0 (noisy per-item counts of the weight vectors), ``config.rounds`` model rounds.
+
+    Returns:
+        Per device, (n_items,) float32 scores: normalized ``V x`` plus the weighted count prior.
+    """
     rng = np.random.default_rng(seed)
     weights = InteractionWeights(partial=config.partial, failure=config.failure)
     prefs = dataset.preferences(weights)
