@@ -76,13 +76,16 @@ async def test_federated_model_learns_planted_co_watching(
         fetched = await asyncio.to_thread(fetch_catalog, transport)
         catalog = CatalogIndex(fetched.content_ids, fetched.embeddings)
         fleet = []
+        watches: list[list[int]] = []
         for u in range(60):
             brain = Brain(f"tv-{u}", BrainConfig(), transport=transport, catalog=catalog)
             cluster = range(0, 20) if u % 2 == 0 else range(20, 40)
-            _watch(brain, [int(i) for i in rng.choice(list(cluster), size=8, replace=False)])
+            watches.append([int(i) for i in rng.choice(list(cluster), size=8, replace=False)])
+            _watch(brain, watches[-1])
             fleet.append(brain)
         probe = Brain("tv-probe", BrainConfig(mmr_lambda=1.0), transport=transport, catalog=catalog)
-        _watch(probe, [0, 2, 4])
+        watches.append([0, 2, 4])
+        _watch(probe, watches[-1])
         devices = [*fleet, probe]
 
         def sync_all() -> None:
@@ -94,15 +97,32 @@ async def test_federated_model_learns_planted_co_watching(
             await asyncio.to_thread(sync_all)  # contributions for the model each device holds
             report = await run_round(settings, state, {"shard-0": channel})
             assert report.model["model_action"] in ("created", "stepped")
-            assert report.patterns_published == report.trending_published == 0
+            assert report.patterns_published == 0
+            # Trending: the count release of the round that created the model, re-published.
+            assert report.trending_published == 40
             await asyncio.to_thread(sync_all)  # fetch what the round published
         assert probe.stats().model_version == report.model["model_version"]
         learned = [int(r.content_id[1:]) for r in probe.recommend(10, timestamp_ms=EVENING)]
+        trending = {t.content_id: t.score for t in (await server.service.store.load_global())[2]}
+        newcomer = Brain("tv-new", BrainConfig(), transport=transport, catalog=catalog)
+        assert (await asyncio.to_thread(newcomer.sync)).ok
+        cold = [int(r.content_id[1:]) for r in newcomer.recommend(10, timestamp_ms=EVENING)]
+        newcomer.close()
     finally:
         transport.close()
         await channel.close()
         await state.close()
 
+    # Trending is the count release without noise: per item, the sum over devices of its unit
+    # preference weight (full completions: 1 / sqrt(items watched)), decayed by seconds only.
+    expected: dict[str, float] = {}
+    for items in watches:
+        for i in items:
+            expected[f"m{i:02d}"] = expected.get(f"m{i:02d}", 0.0) + 1.0 / np.sqrt(len(items))
+    assert trending.keys() == expected.keys()
+    assert all(trending[c] == pytest.approx(v, rel=1e-3) for c, v in expected.items())
+    # Cold start (no viewing at all): k items from that list.
+    assert len(cold) == 10 and all(f"m{i:02d}" in trending for i in cold)
     # Genre-only: even items of either co-watch cluster, nothing of what A's viewers share.
     assert all(i % 2 == 0 for i in genre_only)
     assert sum(i >= 20 for i in genre_only) >= 3

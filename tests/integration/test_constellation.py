@@ -48,7 +48,7 @@ def request(
     delta = patterns_pb2.PatternDelta(
         added=list(patterns),
         local_version=version,
-        base_version=version - 1,
+        base_version=max(version - 1, 0),
         content_views=[patterns_pb2.ContentViewCount(content_id="c0001", views=views)]
         if views
         else [],
@@ -334,3 +334,18 @@ async def test_worker_and_metrics_requests_with_bad_numbers_are_rejected(
                 async for _ in call:
                     pass
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_version_zero_is_a_pull_that_writes_nothing(
+    stub: sync_pb2_grpc.ConstellationSyncStub, database_url: str
+) -> None:
+    # A new (or factory-reset) device has learned nothing yet; it may still fetch the global
+    # state, but a version-0 delta that carries data is refused.
+    pull = await stub.SyncPatterns(request("tv-new", 0))
+    assert pull.acknowledged_version == 0 and not pull.duplicate
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.SyncPatterns(request("tv-new", 0, pattern("p1"), views=4))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "local_version" in (refused.value.details() or "")
+    for table in ("devices", "device_patterns", "content_views"):
+        assert await count_rows(database_url, table) == 0

@@ -56,6 +56,7 @@ async def test_round_publishes_global_patterns_a_new_device_receives(
         epsilon=float("inf"),
         trend_noise_scale=0.0,
         seed=1,
+        patterns_enabled=True,  # the legacy pipeline: averaged global patterns, view trends
     )
     state = await WorkerState.open(await make_database())
     try:

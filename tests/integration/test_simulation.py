@@ -43,7 +43,12 @@ async def test_movielens_replay_through_two_shards_and_federation(
     channels = {s: grpc.aio.insecure_channel(a) for s, a in addresses.items()}
     state = await WorkerState.open(await make_database())
     federation = FederationSettings(
-        shards=addresses, min_sources=3, codebook_size=4, epsilon=float("inf"), seed=3
+        shards=addresses,
+        min_sources=3,
+        codebook_size=4,
+        epsilon=float("inf"),
+        seed=3,
+        patterns_enabled=True,  # both pipelines: global patterns first, then the model
     )
     loop = asyncio.get_running_loop()
 

@@ -77,6 +77,37 @@ def test_first_round_creates_a_model_over_the_most_watched_items() -> None:
     assert [r.content_id for r in result.rows] == result.state.active
     assert all(r.model_version == 7 for r in result.rows)
     assert result.devices == 200
+    # The count release's noisy counts (exact here) are returned for the trending list:
+    # per item, the sum of the devices' unit preference weights; unwatched items are absent.
+    exact: dict[str, float] = {}
+    for items, p in fleet:
+        for i, w in zip(items.tolist(), p.tolist(), strict=True):
+            exact[CATALOG[i]] = exact.get(CATALOG[i], 0.0) + w
+    assert result.item_counts.keys() == exact.keys()
+    assert all(result.item_counts[c] == pytest.approx(v, rel=1e-5) for c, v in exact.items())
+
+
+def test_count_release_noise_has_the_multiplier_s_scale() -> None:
+    # Nobody contributes: every catalog item's count is pure N(0, z^2) noise (sensitivity 1),
+    # and only the positive ones are kept for trending.
+    z = 3.0
+    one = [
+        ItemFactorContribution(
+            model_version=0,
+            content_ids=(CATALOG[0],),
+            weights=np.ones(1, dtype=np.float32),
+            direction=None,
+        )
+    ]
+    draws = []
+    for seed in range(60):
+        result = model_round(
+            1, ModelState(), one, CATALOG, _settings(z=z), np.random.default_rng(seed)
+        )
+        assert all(v > 0 for v in result.item_counts.values())
+        draws.extend(v for c, v in result.item_counts.items() if c != CATALOG[0])
+    # E[X | X > 0] = z sqrt(2 / pi) for X ~ N(0, z^2) (half-normal mean).
+    assert np.mean(draws) == pytest.approx(z * math.sqrt(2 / math.pi), rel=0.08)
 
 
 def test_noise_free_steps_learn_the_clusters() -> None:

@@ -327,15 +327,14 @@ def delta_from_request(
             version must have its factor count.
 
     Raises:
-        InvalidArgumentError: a bad device id or version, an undecodable or oversized payload
+        InvalidArgumentError: a bad device id or version (0 is allowed only for an empty
+            delta: a pull that writes nothing), an undecodable or oversized payload
             (zstd bomb), too many patterns, a wrong dimension, NaN values, rates outside
             [0, 1], duplicate ids or inconsistent versions; a malformed model update (see
             `omega_protocol.model_update.decode_item_factor_update`), one naming content ids
             outside the catalog or with a direction of the wrong factor count.
     """
     device_id = _check_id(request.device_id, "device_id")
-    if request.local_version == 0:
-        raise InvalidArgumentError("local_version must be >= 1")
     if not request.HasField("delta"):
         raise InvalidArgumentError("delta is missing")
     try:
@@ -350,6 +349,16 @@ def delta_from_request(
         )
     if delta.base_version > delta.local_version:
         raise InvalidArgumentError("delta.base_version must not exceed local_version")
+    if request.local_version == 0 and (
+        delta.added
+        or delta.updated
+        or delta.removed
+        or delta.content_views
+        or delta.HasField("model_update")
+    ):
+        # Version 0 is a pull: a device that has learned nothing yet (a new or factory-reset
+        # store) asks for the global state. It may not write anything.
+        raise InvalidArgumentError("local_version must be >= 1 for a delta that carries data")
     if len(delta.added) + len(delta.updated) > limits.max_patterns:
         raise InvalidArgumentError(f"more than {limits.max_patterns} patterns in one delta")
     if len(delta.content_views) > limits.max_content_views:

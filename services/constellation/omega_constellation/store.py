@@ -125,6 +125,9 @@ class ShardStore:
     ) -> SyncOutcome:
         """Apply a validated delta exactly once per (device id, local version).
 
+        Local version 0 (an empty delta, checked by the converter) is a pull: nothing is
+        written and the answer acknowledges version 0.
+
         Patterns below ``min_success_rate`` are not stored (an existing row is deleted).
         View counts are tagged with the shard's current global version. A model update
         replaces the device's previous one.
@@ -136,6 +139,11 @@ class ShardStore:
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
             global_version = await self._global_version(conn)
             model = await self._model_state(conn)
+            if delta.local_version == 0:  # a pull (empty delta): nothing to write
+                count = await conn.fetchval(
+                    "SELECT pattern_count FROM devices WHERE device_id = $1", delta.device_id
+                )
+                return SyncOutcome(0, False, int(count or 0), global_version, model.version)
             await conn.execute(
                 "INSERT INTO devices (device_id, device_key, shard_id) VALUES ($1, $2, $3)"
                 " ON CONFLICT (device_id) DO NOTHING",

@@ -6,7 +6,8 @@ and the privacy ledger). One round does at most one of:
 
 * **create** (no model yet): release noisy per-item counts (each device's weight vector has L2
   norm <= 1, Gaussian noise ``z`` on every catalog item), keep the ``active_items`` items with
-  the highest noisy counts, publish a random orthonormal start over them (public, no data);
+  the highest noisy counts, publish a random orthonormal start over them (public, no data); the
+  noisy counts are also returned (`ModelRoundResult.item_counts`): the worker's trending list;
 * **step** (a model exists): sum the updates computed against the current version over the
   active items (each clipped to Frobenius norm 1), add Gaussian noise ``z``, orthonormalize,
   publish the new factors.
@@ -106,6 +107,10 @@ class ModelRoundResult:
     devices: int = 0
     clipped: int = 0
     epsilon_round: float = 0.0
+    item_counts: dict[str, float] = field(default_factory=dict)
+    """The count release's noisy per-item counts (catalog id -> count, only ids whose noisy
+    count is > 0), when this round made one (``action == "created"``); empty otherwise. A
+    post-processing of a release already charged, so publishing them (as trending) is free."""
 
     def figures(self) -> dict[str, Any]:
         """Figures for the round record and logs."""
@@ -183,6 +188,7 @@ def model_round(
         start = initial_item_factors(len(catalog_ids), active, settings.factors, seed=round_id)
         new.version, new.factors = round_id, settings.factors
         new.active = [catalog_ids[i] for i in active]
+        positive = np.flatnonzero(noisy > 0.0).tolist()
         return ModelRoundResult(
             new,
             _rows(round_id, new.active, start[active]),
@@ -190,6 +196,7 @@ def model_round(
             devices=used,
             clipped=counts.clipped,
             epsilon_round=charged,
+            item_counts={catalog_ids[i]: float(noisy[i]) for i in positive},
         )
 
     current = [

@@ -48,7 +48,10 @@ class FederationSettings(ServiceSettings):
     )
     trend_decay_per_hour: float = Field(0.95, gt=0, le=1, description="Trend score decay per hour.")
     trend_noise_scale: float = Field(
-        1.0, ge=0, description="Laplace scale of the noise added to per-content view counts."
+        1.0,
+        ge=0,
+        description="Legacy pipeline (patterns_enabled): Laplace scale of the noise added to "
+        "per-content view counts.",
     )
     trending_top_n: int = Field(100, ge=0, description="Trending items published per round.")
     export_batch_size: int = Field(2000, gt=0, description="Patterns per ExportPatterns batch.")
@@ -57,10 +60,12 @@ class FederationSettings(ServiceSettings):
     seed: int | None = Field(None, description="RNG seed for reproducible rounds (tests).")
 
     patterns_enabled: bool = Field(
-        True,
-        description="Publish global context patterns and trends (their own DP, zCDP and "
-        "Laplace, outside the model's ledger); false releases only the collaborative model, "
-        "so the model's ledger is the device's whole privacy loss.",
+        False,
+        description="Legacy pipeline: also publish averaged global context patterns, and take "
+        "trends from the shards' view counts with Laplace noise (their own DP, zCDP and "
+        "Laplace, outside the model's ledger). The default (false) releases only the "
+        "collaborative model, whose count release also gives the trending list, so the "
+        "model's ledger is each device's whole privacy loss.",
     )
 
     # The collaborative model (federated subspace iteration, omega_federation.model_round).

@@ -1,4 +1,9 @@
-"""Trending content: decayed scores from (optionally noised) per-content view counts.
+"""Trending content: decayed scores from (optionally noised) per-content counts.
+
+Two sources feed it (``omega_federation.worker``): the collaborative model's Gaussian count
+release (the default; already noised and charged to the model's ledger, so ``noise_scale`` is
+0 here), or, in the legacy pattern pipeline, the shards' per-content view counts with the
+Laplace noise below.
 
 ``score = previous * decay_per_hour ** hours_since_last + max(0, views + Laplace(noise_scale))``.
 
@@ -19,7 +24,7 @@ import numpy as np
 
 
 def trend_scores(
-    view_counts: Mapping[str, int],
+    view_counts: Mapping[str, float],
     previous: Mapping[str, float],
     hours_since_last: float,
     *,
@@ -35,7 +40,8 @@ def trend_scores(
     generator state, not on mapping order.
 
     Args:
-        view_counts: Content id to views since the last round, ``>= 0``.
+        view_counts: Content id to views since the last round (or any non-negative count,
+            such as a clipped noisy count), finite and ``>= 0``.
         previous: Content id to the score published last round, finite and ``>= 0``.
         hours_since_last: Hours since the previous round, ``>= 0`` (``inf`` forgets the past).
         decay_per_hour: Multiplicative decay per hour, in ``(0, 1]``.

@@ -68,6 +68,8 @@ class RoundReport:
     groups_total: int = 0
     patterns_published: int = 0
     trending_published: int = 0
+    trend_source: str = ""
+    """"model_counts" (the model's count release) or "view_counts" (the legacy pipeline)."""
     epsilon: float = 0.0
     cumulative_epsilon: float = 0.0
     seconds: float = 0.0
@@ -324,33 +326,11 @@ async def _new_round(
         groups_total = result.groups_total
         epsilon = result.privacy.epsilon if result.privacy else 0.0
 
-    previous = _previous_trending(latest)
-    hours = 0.0
-    if latest is not None:
-        hours = max(
-            0.0, (time.time() - float(latest.figures.get("finished_at", time.time()))) / 3600
-        )
-    trending: list[tuple[str, float]] = []
-    if settings.patterns_enabled:
-        trending = trend_scores(
-            sink.views,
-            previous,
-            hours,
-            decay_per_hour=settings.trend_decay_per_hour,
-            noise_scale=settings.trend_noise_scale,
-            rng=rng,
-            top_n=settings.trending_top_n,
-        )
-    request = _publish_request(
-        round_id,
-        patterns,
-        trending,
-        epsilon,
-        accountant.cumulative_epsilon,
-        settings.delta,
-    )
     model_state = ModelState.from_dict(latest.model if latest else None)
     model_figures: dict[str, Any] = {}
+    model_rows: list[patterns_pb2.ItemFactorRow] = []
+    item_counts: dict[str, float] = {}
+    noise = 0.0
     if settings.model_factors > 0:
         # The catalog is only read by the round that creates the model (its count release).
         catalog_ids = (await _catalog(channels, settings))[0] if model_state.version == 0 else []
@@ -372,9 +352,7 @@ async def _new_round(
             rng,
         )
         model_state = stepped.state
-        request.item_factors.extend(stepped.rows)
-        request.factors = model_state.factors
-        request.noise_multiplier = noise
+        model_rows, item_counts = stepped.rows, stepped.item_counts
         model_figures = {
             **stepped.figures(),
             "model_updates_exported": len(sink.model_updates),
@@ -382,12 +360,27 @@ async def _new_round(
             "model_noise_multiplier": noise,
             "model_rows_published": len(stepped.rows),
         }
+    trending = _trending(latest, settings, sink.views, item_counts, rng)
+    request = _publish_request(
+        round_id,
+        patterns,
+        trending,
+        epsilon,
+        accountant.cumulative_epsilon,
+        settings.delta,
+    )
+    if settings.model_factors > 0:
+        request.item_factors.extend(model_rows)
+        request.factors = model_state.factors
+        request.noise_multiplier = noise
     figures: dict[str, Any] = {
         "exported_patterns": exported,
         "per_shard": per_shard,
         "groups_total": groups_total,
         "patterns": len(patterns),
         "trending": len(trending),
+        # Where the trending counts came from: the legacy view counts, or the model's release.
+        "trend_source": "view_counts" if settings.patterns_enabled else "model_counts",
         "epsilon": epsilon,
         "cumulative_epsilon": accountant.cumulative_epsilon,
         **model_figures,
@@ -420,11 +413,49 @@ async def _new_round(
         groups_total=groups_total,
         patterns_published=len(patterns),
         trending_published=len(trending),
+        trend_source=figures["trend_source"],
         epsilon=epsilon,
         cumulative_epsilon=accountant.cumulative_epsilon,
         seconds=seconds,
         shards=stored,
         model=model_figures,
+    )
+
+
+def _trending(
+    latest: RoundRecord | None,
+    settings: FederationSettings,
+    views: Mapping[str, int],
+    item_counts: Mapping[str, float],
+    rng: np.random.Generator,
+) -> list[tuple[str, float]]:
+    """This round's trending list: the previous one decayed plus this round's noisy counts.
+
+    With ``patterns_enabled`` the counts are the shards' view counts with Laplace noise (the
+    legacy pipeline, outside the model's ledger). Otherwise they are the collaborative model's
+    count release (``item_counts``; Gaussian, per-device L2 norm <= 1, already charged to the
+    ledger), present in the round that created the model and empty in later rounds, which only
+    decay the list. Either way the list is re-published every round (a publish replaces it).
+    """
+    previous = _previous_trending(latest)
+    hours = 0.0
+    if latest is not None:
+        hours = max(
+            0.0, (time.time() - float(latest.figures.get("finished_at", time.time()))) / 3600
+        )
+    if settings.patterns_enabled:
+        counts: Mapping[str, float] = views
+        noise_scale = settings.trend_noise_scale
+    else:
+        counts, noise_scale = item_counts, 0.0
+    return trend_scores(
+        counts,
+        previous,
+        hours,
+        decay_per_hour=settings.trend_decay_per_hour,
+        noise_scale=noise_scale,
+        rng=rng,
+        top_n=settings.trending_top_n,
     )
 
 

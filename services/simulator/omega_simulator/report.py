@@ -168,12 +168,15 @@ class SimulationReport:
         return path
 
     def _pattern_privacy_line(self, last: dict[str, Any]) -> str:
-        released = sum(
-            int(r.get("patterns_published", 0)) + int(r.get("trending_published", 0))
+        legacy = any(
+            r.get("patterns_published") or r.get("trend_source") == "view_counts"
             for r in self.rounds
         )
-        if not released:
-            return "pattern privacy         none: no global patterns or trends were published"
+        if not legacy:
+            return (
+                "pattern privacy         none: no global patterns; trending is the model's "
+                "count release, in its ledger"
+            )
         return (
             f"pattern privacy         epsilon {last.get('cumulative_epsilon', 0.0):.2f} "
             f"cumulative over {len(self.rounds)} rounds (global patterns, zCDP; trends Laplace)"

@@ -47,9 +47,10 @@ class SimulatorSettings(BaseSettings):
     seed: int = Field(42, description="Seed of the federation worker's noise.")
     patterns: bool = Field(
         False,
-        description="Also publish global context patterns and trends (their own DP, outside "
-        "the model's ledger). Off: the model's cumulative epsilon is each device's whole "
-        "privacy loss over the replay.",
+        description="Legacy pipeline: also publish averaged global context patterns, and "
+        "trends from view counts (their own DP, outside the model's ledger). Off: trending "
+        "comes from the model's count release and the model's cumulative epsilon is each "
+        "device's whole privacy loss over the replay.",
     )
     model_factors: int = Field(
         8, ge=1, le=256, description="Factors of the collaborative model in the DP run."
