@@ -13,6 +13,14 @@ validate); the hold-out is only used to report the chosen configuration. Reporte
 federated model, from the same run: popularity, and the same model trained centrally (exact
 top-d eigenvectors of the whole training Gram matrix; the upper bound of the design).
 
+Context steer (the brain's ``model_context_weight``): at the configuration chosen for epsilon 8
+and at the no-noise one, both with the brain's MMR (lambda 0.7), the weight of the user factor
+of the recommendation moment's context bucket is searched on the validation split. The rule,
+fixed before the search was first run: the default is the weight of the largest validation
+precision@10 at epsilon 8 (the budget the fleet runs), and it stays 0 unless that beats 0 by
+more than `CONTEXT_MIN_GAIN`; the no-noise search is reported beside it, not used to choose.
+The hold-out figure of the chosen weight is reported only.
+
 Usage::
 
     .venv/bin/python bench/collaborative_quality.py [--quick] [--out reports/collaborative]
@@ -37,6 +45,7 @@ from omega_federation.accounting import RoundMechanism, epsilon_for
 from omega_simulator.inprocess import (
     DELTA,
     Config,
+    Dataset,
     central_scores,
     evaluate,
     mean_metrics,
@@ -47,6 +56,16 @@ from omega_simulator.inprocess import (
 
 EPSILONS = (1.0, 2.0, 4.0, 8.0)
 """Cumulative epsilon budgets reported (plus no noise)."""
+
+CONTEXT_WEIGHTS = (0.0, 0.25, 0.5, 1.0)
+"""Context-steer weights searched (``Config.context_weight``, the brain's
+``model_context_weight``)."""
+CONTEXT_EPSILON = 8.0
+"""The budget whose chosen configuration decides the context weight (what the fleet runs)."""
+CONTEXT_MMR_LAMBDA = 0.7
+"""MMR of the context search: the brain's default ``mmr_lambda``."""
+CONTEXT_MIN_GAIN = 0.002
+"""A context weight replaces 0 only when it beats 0 by more than this validation precision@10."""
 
 
 Grid = dict[str, list[Any]]
@@ -142,7 +161,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         trials_by_eps[str(eps)] = trials
         print(f"epsilon {eps}: validation {config} P@10 {val_metrics['precision_at_10']:.4f}")
 
-    # 4. Report on the hold-out, each configuration as chosen on validation.
+    # 4. Context steer, on validation: at the epsilon-8 configuration (decides) and without
+    # noise (reported), both with the brain's MMR.
+    context = _search_context(chosen[str(CONTEXT_EPSILON)][0], clean, validation, seeds)
+
+    # 5. Report on the hold-out, each configuration as chosen on validation.
     rows: list[dict[str, object]] = []
     rows.append({"recommender": "popularity (central)", **evaluate(test, popularity_scores(test))})
     rows.append(
@@ -177,6 +200,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             }
         )
         privacy_curve.append((spent, metrics["precision_at_10"]))
+    # The context weight as chosen on validation, and the same configuration without the steer
+    # for reference (reported, never used to choose).
+    context_config = replace(
+        chosen[str(CONTEXT_EPSILON)][0],
+        mmr_lambda=CONTEXT_MMR_LAMBDA,
+        context_weight=float(context["chosen_context_weight"]),  # type: ignore[arg-type]
+    )
+    z_context = noise_for(CONTEXT_EPSILON, context_config)
+    context["holdout"] = {
+        "config": asdict(context_config),
+        **mean_metrics(test, context_config, z_context, seeds),
+    }
+    unsteered = replace(context_config, context_weight=0.0)
+    context["holdout_without_steer"] = {
+        "config": asdict(unsteered),
+        **mean_metrics(test, unsteered, z_context, seeds),
+    }
 
     args.out.mkdir(parents=True, exist_ok=True)
     report = {
@@ -188,6 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "federated_no_noise": {"config": asdict(clean), **clean_val},
             "dp_trials": trials_by_eps,
         },
+        "context_steer": context,
         "seconds": time.perf_counter() - started,
     }
     (args.out / "quality.json").write_text(json.dumps(report, indent=2))
@@ -198,9 +239,76 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{row['recommender']!s:44} {row['precision_at_10']:7.4f} {row['recall_at_20']:7.4f} "
             f"{row['ndcg_at_10']:8.4f} {row['coverage_at_10']:7.4f}"
         )
+    _print_context(context)
     _plot(privacy_curve, rows, args.out / "precision_vs_epsilon.png")
     print(f"\nwritten to {args.out} in {report['seconds']:.0f} s")
     return 0
+
+
+def _search_context(
+    dp_config: Config, clean_config: Config, validation: Dataset, seeds: Sequence[int]
+) -> dict[str, object]:
+    """Validation metrics of every `CONTEXT_WEIGHTS` value at both configurations, and the
+    weight chosen by the rule of the module docstring."""
+    bases = {
+        f"epsilon {CONTEXT_EPSILON:g}": (dp_config, CONTEXT_EPSILON),
+        "no noise": (clean_config, None),
+    }
+    searched: dict[str, object] = {}
+    trials_at: dict[str, list[dict[str, object]]] = {}
+    for name, (config, eps) in bases.items():
+        base = replace(config, mmr_lambda=CONTEXT_MMR_LAMBDA)
+        _, _, trials = search(
+            {"context_weight": list(CONTEXT_WEIGHTS)},
+            base,
+            lambda c, e=eps: mean_metrics(validation, c, noise_for(e, c), seeds),  # type: ignore[misc]
+        )
+        trials_at[name] = trials
+        searched[name] = {"config": asdict(base), "trials": trials}
+    deciding = trials_at[f"epsilon {CONTEXT_EPSILON:g}"]
+    precision = {
+        float(t["config"]["context_weight"]): float(t["precision_at_10"])  # type: ignore[index,arg-type]
+        for t in deciding
+    }
+    best = max(precision, key=lambda w: (precision[w], -w))  # ties: the smaller weight
+    gain = precision[best] - precision[0.0]
+    chosen = best if gain > CONTEXT_MIN_GAIN else 0.0
+    print(
+        f"context steer, validation at epsilon {CONTEXT_EPSILON:g}: best weight {best:g}"
+        f" (P@10 gain {gain:+.4f} over 0), chosen {chosen:g}"
+    )
+    return {
+        "weights": list(CONTEXT_WEIGHTS),
+        "mmr_lambda": CONTEXT_MMR_LAMBDA,
+        "min_gain": CONTEXT_MIN_GAIN,
+        "deciding": f"epsilon {CONTEXT_EPSILON:g}",
+        "validation": searched,
+        "best_context_weight": best,
+        "validation_gain": gain,
+        "chosen_context_weight": chosen,
+    }
+
+
+def _print_context(context: dict[str, Any]) -> None:
+    """The context search as a table: weight -> validation P@10 / R@20 per configuration."""
+    names = list(context["validation"])
+    print(f"\ncontext steer (validation, MMR {context['mmr_lambda']:g})")
+    print(f"{'weight':>8} " + " ".join(f"{n + ' P@10':>17} {n + ' R@20':>17}" for n in names))
+    for w in context["weights"]:
+        cells = []
+        for n in names:
+            t = next(
+                t for t in context["validation"][n]["trials"] if t["config"]["context_weight"] == w
+            )
+            cells.append(f"{t['precision_at_10']:17.4f} {t['recall_at_20']:17.4f}")
+        print(f"{w:8g} " + " ".join(cells))
+    chosen, held = context["chosen_context_weight"], context["holdout"]
+    ref = context["holdout_without_steer"]
+    print(
+        f"chosen weight {chosen:g}: hold-out P@10 {held['precision_at_10']:.4f}"
+        f" R@20 {held['recall_at_20']:.4f} (weight 0: {ref['precision_at_10']:.4f}"
+        f" / {ref['recall_at_20']:.4f})"
+    )
 
 
 def _plot(curve: list[tuple[float, float]], rows: list[dict[str, object]], path: Path) -> None:

@@ -3,7 +3,9 @@
 A synthetic catalog of clustered 384-dim embeddings (HNSW index, as a TV would have), a random
 orthonormal item-factor model over every item, and one device with 60 viewings. The baseline is
 the same brain ranking without the model (content patterns and trends), measured in the same
-run; both on one core (``OMP_NUM_THREADS=1`` is set before numpy and faiss load).
+run; a third brain adds the context steer (``model_context_weight=1``; the viewings spread over
+every context bucket, so the moment's bucket has some). All on one core (``OMP_NUM_THREADS=1``
+is set before numpy and faiss load).
 
 Usage::
 
@@ -26,8 +28,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from omega_brain import Brain, BrainConfig, CatalogIndex, ViewingEvent
+from omega_protocol import bucket_from_timestamp
 
-EVENING = 1_795_300_000_000  # a Tuesday, 19:06 UTC
+MOMENT = 1_795_300_000_000  # Saturday 2026-11-21 22:26 UTC: night/weekend
 
 
 def _catalog(items: int, seed: int) -> tuple[list[str], np.ndarray]:
@@ -44,7 +47,7 @@ def _percentiles(brain: Brain, calls: int) -> tuple[float, float]:
     times = []
     for i in range(calls):
         start = time.perf_counter()
-        recs = brain.recommend(10, timestamp_ms=EVENING + i)
+        recs = brain.recommend(10, timestamp_ms=MOMENT + i)
         times.append(time.perf_counter() - start)
         assert len(recs) == 10
     ms = np.asarray(times) * 1000
@@ -67,10 +70,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     factors = np.linalg.qr(rng.standard_normal((args.items, args.factors)))[0].astype(np.float32)
 
     rows: dict[str, tuple[float, float]] = {}
-    for name, with_model in (("without model (baseline)", False), ("with model", True)):
-        brain = Brain(f"bench-{with_model}", BrainConfig(), catalog=catalog)
+    runs = (
+        ("without model (baseline)", False, 0.0),
+        ("with model", True, 0.0),
+        ("with model, context steer", True, 1.0),
+    )
+    for name, with_model, context_weight in runs:
+        config = BrainConfig(model_context_weight=context_weight)
+        brain = Brain(f"bench-{with_model}-{context_weight}", config, catalog=catalog)
         for n, i in enumerate(watched):
-            brain.observe(ViewingEvent(ids[i], EVENING - (n + 1) * 3_600_000, completion=1.0))
+            brain.observe(ViewingEvent(ids[i], MOMENT - (n + 1) * 3_600_000, completion=1.0))
         if with_model:
             # Install the model as a fetch would (rows, version, factor count) in one transaction.
             store = brain._store  # private: installs a model without a shard
@@ -84,8 +93,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             brain._state.update({"model_version": 1, "model_factors": args.factors})
             brain._model = store.model()
             brain._aligned_cache = None
-            assert brain.recommend(1)[0].reasons[0] == "viewers with your taste watched this"
-        brain.recommend(10, timestamp_ms=EVENING)  # warm caches (aligned model, trends)
+            reasons = brain.recommend(1, timestamp_ms=MOMENT)[0].reasons
+            assert "viewers with your taste watched this" in reasons
+            # The steer is active where it is on: its reason appears.
+            context = f"matches your {bucket_from_timestamp(MOMENT).name} viewing"
+            assert (context in reasons) == (context_weight > 0), reasons
+        brain.recommend(10, timestamp_ms=MOMENT)  # warm caches (aligned model, trends)
         rows[name] = _percentiles(brain, args.calls)
         brain.close()
 

@@ -25,7 +25,7 @@ import numpy.typing as npt
 
 from omega.v1 import patterns_pb2, sync_pb2
 from omega_brain.catalog import CatalogIndex
-from omega_brain.collaborative import InteractionWeights, score_items, user_factor
+from omega_brain.collaborative import InteractionWeights, score_items, steer_factor, user_factor
 from omega_brain.config import BrainConfig
 from omega_brain.errors import (
     BrainError,
@@ -78,6 +78,9 @@ REASON_HISTORY = "matches your viewing history"
 REASON_MODEL = "viewers with your taste watched this"
 REASON_DISCOVER = "something new to try"
 
+_MAX_ADOPTED_VERSION = 1 << 53
+"""Largest shard version a device will number past (a factory-reset store continuing
+after its old self); far below the signed 64-bit range, so no answer can wedge it."""
 _UINT32_MAX = 2**32 - 1
 _LATENCY_WINDOW = 1024
 _COMPRESS_MIN_BYTES = 64  # below this the zstd frame header costs more than it saves
@@ -172,13 +175,18 @@ class Brain:
             failure_completion=self._config.failure_completion,
         )
         self._prefs_cache: Preferences | None = None
+        self._context_prefs_cache: dict[int, Preferences] = {}
         self._aligned_cache: tuple[AlignedModel | None] | None = None
         self._store = Store(self._config.store_path, device_id)
         try:
             self._state = self._store.state()
             self._patterns = self._store.patterns()
             self._watched = self._store.watched()
-            self._viewings = self._store.viewings()
+            self._viewings: list[tuple[str, float]] = []
+            self._viewings_by_bucket: dict[int, list[tuple[str, float]]] = {}
+            for content_id, completion, bucket in self._store.viewings():
+                self._viewings.append((content_id, completion))
+                self._viewings_by_bucket.setdefault(bucket, []).append((content_id, completion))
             self._model = self._store.model()
             self._catalog = catalog
             if catalog is None:
@@ -376,7 +384,9 @@ class Brain:
             self._state["local_version"] = version
             self._watched.add(content_id)
             self._viewings.append((content_id, completion))
+            self._viewings_by_bucket.setdefault(bucket, []).append((content_id, completion))
             self._prefs_cache = None
+            self._context_prefs_cache.pop(bucket, None)
 
     # ------------------------------------------------------------------ recommending
 
@@ -402,12 +412,17 @@ class Brain:
 
         With the collaborative model (a fetched item-factor model ``V`` and a non-zero user
         factor ``x = V_S^T p`` from all the device's viewings; ``use_global`` True), every
-        catalog item is scored instead: ``V x`` divided by its largest absolute value, items
-        the model does not know scored by content similarity to the query above (only the
-        ``k x candidate_multiplier`` nearest, scaled to at most ``model_cold_weight``), plus
-        ``model_trend_weight x trend`` (see `omega_brain.ranking.model_relevance`); watched
-        items are dropped, MMR re-ranks the ``k x candidate_multiplier`` best. Always ``k``
-        items when the catalog has ``k`` unwatched ones.
+        catalog item is scored instead. The moment's context bucket steers the factor: with
+        ``model_context_weight`` (beta) > 0 and viewings in that bucket the model knows, ``x``
+        becomes ``x / |x| + beta x_c / |x_c|``, ``x_c`` folded in from that bucket's viewings
+        only (what the viewer watches at this time of day; an item the steer raises gets the
+        reason "matches your <bucket> viewing"). Scores: ``V x`` divided by its largest
+        absolute value, items the model does not know scored by content similarity to the
+        query above (only the ``k x candidate_multiplier`` nearest, scaled to at most
+        ``model_cold_weight``), plus ``model_trend_weight x trend`` (see
+        `omega_brain.ranking.model_relevance`); watched items are dropped, MMR re-ranks the
+        ``k x candidate_multiplier`` best. Always ``k`` items when the catalog has ``k``
+        unwatched ones.
 
         Args:
             k: number of items wanted, >= 0.
@@ -454,7 +469,7 @@ class Brain:
             return self._trending_without_catalog(k, watched) if use_global else []
         query = self._query(bucket, use_global)
         if use_global:
-            with_model = self._recommend_with_model(k, catalog, query, trends, watched)
+            with_model = self._recommend_with_model(k, catalog, query, trends, watched, bucket)
             if with_model is not None:
                 return with_model
         if query is None:
@@ -507,9 +522,15 @@ class Brain:
         query: _Query | None,
         trends: _Trends | None,
         watched: set[str],
+        bucket: ContextBucket,
     ) -> list[Recommendation] | None:
         """Whole-catalog ranking with the collaborative model; None without a model or with
-        a zero user factor (the caller then ranks as without a model)."""
+        a zero user factor (the caller then ranks as without a model).
+
+        With ``model_context_weight > 0`` the user factor is steered towards the factor of
+        the viewings of ``bucket`` (`steer_factor`), and an item whose score that steer raises
+        gets the bucket's reason.
+        """
         cfg = self._config
         model = self._aligned_model()
         prefs = self._preferences()
@@ -518,6 +539,16 @@ class Brain:
         x = user_factor(model.matrix, prefs.items, prefs.p)
         if not np.any(x):
             return None
+        steer: npt.NDArray[np.float32] | None = None  # the context's part of the factor
+        if cfg.model_context_weight > 0.0:
+            context = self._context_preferences(bucket.index)
+            if context is not None and context.items.size:
+                x_context = user_factor(model.matrix, context.items, context.p)
+                steered = steer_factor(x, x_context, cfg.model_context_weight)
+                if steered is not x:
+                    scale = cfg.model_context_weight / float(np.linalg.norm(x_context))
+                    steer = (np.float32(scale) * x_context).astype(np.float32)
+                    x = steered
         cold_positions: npt.NDArray[np.int64] | None = None
         cold_similarity: npt.NDArray[np.float32] | None = None
         if query is not None and cfg.model_cold_weight > 0.0:
@@ -545,15 +576,22 @@ class Brain:
         content_reason = REASON_GLOBAL
         if query is not None and query.local is not None:
             content_reason = query.local_reason
+        context_reason = _bucket_reason(bucket)
         out: list[Recommendation] = []
         for i in order:
             p = int(positions[i])
+            context_part = 0.0
+            if steer is not None and model.known[p]:
+                context_part = float(model.matrix[p] @ steer) / scored.scale
             parts = (
-                (float(scored.model[p]), REASON_MODEL),
+                (float(scored.model[p]) - context_part, REASON_MODEL),
+                (context_part, context_reason),
                 (float(scored.content[p]), content_reason),
                 (float(scored.trend[p]), REASON_TRENDING),
             )
-            reasons = tuple(r for c, r in sorted(parts, key=lambda t: -t[0]) if c > 0)
+            reasons = tuple(
+                dict.fromkeys(r for c, r in sorted(parts, key=lambda t: -t[0]) if c > 0)
+            )
             out.append(
                 Recommendation(
                     catalog.content_id_at(p), float(scored.total[p]), reasons or (REASON_DISCOVER,)
@@ -569,7 +607,7 @@ class Brain:
         row = self._patterns.get(bucket.index)
         if row is not None and row.state.embedding is not None:
             local, local_rate = row.state.embedding, row.state.success_rate
-            reason = f"matches your {bucket.name} viewing"
+            reason = _bucket_reason(bucket)
         else:
             learned = [r.state for r in self._patterns.values() if r.state.embedding is not None]
             if learned:
@@ -701,6 +739,10 @@ class Brain:
         transport = self._require_transport()
         cfg = self._config
         with self._sync_lock:
+            if not self._state["server_version_known"] and self._state["local_version"] > 0:
+                failed = self._learn_server_version(transport)
+                if failed is not None:
+                    return failed
             with self._lock:
                 self._check_open()
                 request, sent = self._build_request()
@@ -765,6 +807,101 @@ class Brain:
                     model_bytes_down=model_bytes,
                     model_error=model_error,
                 )
+
+    def forget(self) -> bool:
+        """Right to be forgotten: erase this device's data on its shard, then on the device.
+
+        The shard deletes the device's row, patterns and model update in one transaction
+        (``ForgetDevice``, retried like a sync); then the local store drops events, patterns,
+        pending views and sync state in one transaction, keeping what came from the servers
+        (catalog, global patterns, trending, the model). Aggregates the federation already
+        published cannot be recalled. Without a transport only the local data is erased.
+
+        Returns:
+            True when the shard held data for the device (False: nothing there, or offline).
+
+        Raises:
+            SyncError: the shard could not be reached or refused (nothing local is erased,
+                so the call can be repeated).
+            BrainError: the brain is closed; StoreError: the store could not be written.
+        """
+        forgotten = False
+        with self._sync_lock:
+            if self._transport is not None:
+                transport = self._transport
+                forget = getattr(transport, "forget_device", None)
+                if forget is None:
+                    raise SyncError("the transport cannot forget devices (no forget_device)")
+                request = sync_pb2.ForgetDeviceRequest(device_id=self._device_id)
+                response = call_with_retries(
+                    lambda: forget(request, self._config.timeout_seconds),
+                    **self._retry_policy(),
+                    outcome=RetryOutcome(),
+                )
+                forgotten = bool(getattr(response, "forgotten", False))
+            with self._lock:
+                self._check_open()
+                with self._store.transaction():
+                    self._store.forget_personal_data()
+                self._state = self._store.state()
+                self._patterns = {}
+                self._watched = set()
+                self._viewings = []
+                self._viewings_by_bucket = {}
+                self._prefs_cache = None
+                self._context_prefs_cache = {}
+        return forgotten
+
+    def _learn_server_version(self, transport: SyncTransport) -> SyncResult | None:
+        """Before this store's first delta, ask the shard for the device's last version.
+
+        A pull (version 0, empty delta) writes nothing; its answer acknowledges the last
+        version the shard applied for this device id. A new store of a device the shard
+        knows (factory reset) numbers its changes past it, so they are applied rather than
+        taken for duplicates, and the patterns it learns replace the old ones. Called in
+        `sync` under the sync lock.
+
+        Returns:
+            None when learned (or nothing to learn); a failed `SyncResult` otherwise.
+        """
+        cfg = self._config
+        request = sync_pb2.SyncPatternsRequest(
+            device_id=self._device_id,
+            local_version=0,
+            since_global_version=self._state["global_version"],
+            delta=encode_payload(patterns_pb2.PatternDelta(), compress=False),
+        )
+        outcome = RetryOutcome()
+        try:
+            response = call_with_retries(
+                lambda: transport.sync_patterns(request, cfg.timeout_seconds),
+                **self._retry_policy(),
+                outcome=outcome,
+            )
+        except SyncError as exc:
+            code = f" [{exc.code.name}]" if exc.code is not None else ""
+            message = f"{exc}{code} after {outcome.attempts} attempt(s)"
+            empty = _Sent(0, [], {}, None, 0)
+            return self._sync_failed(request, empty, outcome, 0, message, 0, None)
+        if not isinstance(response, sync_pb2.SyncPatternsResponse) or response.redirect_shard_id:
+            return None  # the real sync reports the redirect (or the bad transport)
+        last = int(response.acknowledged_version)
+        with self._lock:
+            self._check_open()
+            updates = {"server_version_known": 1}
+            if self._state["acked_version"] < last <= _MAX_ADOPTED_VERSION:
+                # The shard applied versions this store never saw acknowledged: re-send
+                # everything, numbered past them.
+                updates["local_version"] = max(self._state["local_version"], last) + 1
+                updates["acked_version"] = 0
+                updates["model_update_version"] = -1
+                updates["model_update_items"] = 0
+            with self._store.transaction():
+                if "acked_version" in updates:
+                    self._store.clear_acked()
+                self._store.set_state(updates)
+            self._state.update(updates)
+        return None
 
     def _update_model(self, transport: SyncTransport, since: int) -> tuple[int, int, str | None]:
         """Fetch and apply the model rows changed since ``since`` (called in `sync`, without
@@ -934,15 +1071,42 @@ class Brain:
         ack = int(response.acknowledged_version)
         updates: dict[str, int] = {}
         with self._store.transaction():
-            if ack >= sent.local_version:
+            if sent.local_version == 0:
+                # A pull (nothing to send yet): the answer names the device's last version
+                # on the shard; later changes are numbered past it (see
+                # `_learn_server_version`).
+                updates["server_version_known"] = 1
+                if self._state["acked_version"] < ack <= _MAX_ADOPTED_VERSION:
+                    self._store.clear_acked()
+                    updates["local_version"] = max(self._state["local_version"], ack)
+                    updates["acked_version"] = 0
+            elif ack > sent.local_version:
+                # The shard holds a later version than the one sent, so it did not apply this
+                # delta (it answered as for a duplicate): this store is newer than the
+                # device's server state (a factory reset, a restored backup). Nothing is
+                # marked acknowledged; the next delta, numbered past the shard's version,
+                # re-sends everything. The acknowledged version is never taken from the
+                # server, and an implausible one (past `_MAX_ADOPTED_VERSION`) is not
+                # followed at all, so a bad answer cannot wedge the device.
+                if ack > _MAX_ADOPTED_VERSION:
+                    errors.append(f"server acknowledged an implausible version {ack}; ignored")
+                else:
+                    errors.append(
+                        f"server holds version {ack}, above the sent {sent.local_version};"
+                        " the device's changes are re-sent past it"
+                    )
+                    self._store.clear_acked()
+                    updates["local_version"] = ack + 1
+                    updates["acked_version"] = 0
+                    updates["model_update_version"] = -1
+                    updates["model_update_items"] = 0
+            elif ack == sent.local_version:
                 self._store.mark_acked(sent.patterns, sent.local_version)
                 self._store.subtract_views(sent.views)
                 updates["acked_version"] = sent.local_version
                 if sent.model_update_version is not None:
                     updates["model_update_version"] = sent.model_update_version
                     updates["model_update_items"] = sent.model_update_items
-                if ack > self._state["local_version"]:
-                    updates["local_version"] = ack
             else:
                 errors.append(
                     f"server acknowledged version {ack}, below the sent {sent.local_version};"
@@ -961,6 +1125,8 @@ class Brain:
                 new_global = max(int(response.global_version), payload_round)
                 if new_global > self._state["global_version"]:
                     updates["global_version"] = new_global
+            if response.next_sync_after_ms:
+                updates["next_sync_at_ms"] = self._now_ms() + int(response.next_sync_after_ms)
             counter = "syncs_failed" if errors else "syncs_ok"
             updates[counter] = self._state[counter] + 1
             self._store.set_state(updates)
@@ -1070,6 +1236,7 @@ class Brain:
             "max_attempts": cfg.max_attempts,
             "base_backoff_seconds": cfg.base_backoff_seconds,
             "max_backoff_seconds": cfg.max_backoff_seconds,
+            "budget_seconds": cfg.retry_budget_seconds,
             "rng": self._rng,
         }
 
@@ -1110,6 +1277,7 @@ class Brain:
         self._owns_catalog = True
         self._trend_cache = None
         self._prefs_cache = None
+        self._context_prefs_cache = {}
         self._aligned_cache = None
 
     def _aligned_model(self) -> AlignedModel | None:
@@ -1127,6 +1295,19 @@ class Brain:
         if self._prefs_cache is None:
             self._prefs_cache = device_preferences(self._viewings, self._catalog, self._weights)
         return self._prefs_cache
+
+    def _context_preferences(self, bucket: int) -> Preferences | None:
+        """The device's preferences from the viewings of one context bucket (cached per
+        bucket), None without a catalog."""
+        if self._catalog is None:
+            return None
+        prefs = self._context_prefs_cache.get(bucket)
+        if prefs is None:
+            prefs = device_preferences(
+                self._viewings_by_bucket.get(bucket, ()), self._catalog, self._weights
+            )
+            self._context_prefs_cache[bucket] = prefs
+        return prefs
 
     def _reload_global(self) -> None:
         """Rebuild the in-memory global-pattern and trending caches from the store."""
@@ -1164,6 +1345,11 @@ class Brain:
                 dense,
             )
         return self._trend_cache
+
+
+def _bucket_reason(bucket: ContextBucket) -> str:
+    """The reason of a context bucket's part, e.g. ``"matches your evening/weekday viewing"``."""
+    return f"matches your {bucket.name} viewing"
 
 
 def _query_vector(query: _Query) -> npt.NDArray[np.float32]:

@@ -22,6 +22,9 @@ On one device, from its own viewings only:
   so that the device spends its whole privacy share (normalizing instead of only clipping
   measured +0.013 precision@10 on the validation split at epsilon 8), times the device's quality
   weight ``w`` in [0, 1];
+* **context steer** ``x = x / |x| + beta * x_c / |x_c|`` (`steer_factor`): ``x_c = V_S^T p_c``
+  folded in from the viewings of one context bucket only (time slot x day type), so that the
+  ranking of a moment leans towards what the viewer watches at that time of day;
 * **scores** ``V x``: the device's predicted preference for every item the model knows.
 
 Everything here is pure numpy on small arrays; nothing is sent or stored.
@@ -43,6 +46,7 @@ __all__ = [
     "preference_vector",
     "quality_weight",
     "score_items",
+    "steer_factor",
     "update_direction",
     "user_factor",
 ]
@@ -195,6 +199,47 @@ def user_factor(
         raise ValueError(f"items {items.shape} and p {p.shape} must have the same shape")
     rows = _rows_of(item_factors, items)
     return (rows.T.astype(np.float64) @ p.astype(np.float64)).astype(np.float32)
+
+
+def steer_factor(
+    factor: npt.NDArray[np.float32], context_factor: npt.NDArray[np.float32], weight: float
+) -> npt.NDArray[np.float32]:
+    """The user factor steered towards a context: ``x / |x| + weight * x_c / |x_c|``.
+
+    ``x`` is the fold-in of the whole history, ``x_c`` that of the viewings of one context
+    bucket (`user_factor` over their preference vector). Both are scaled to unit norm first, so
+    ``weight`` is the context's share whatever the lengths of the two histories: 0 ranks by the
+    whole history, 1 gives both the same say. Only the direction of the result matters to a
+    ranking (``V x`` is compared item against item).
+
+    Args:
+        factor: ``x``, (d,) float32, from the whole history.
+        context_factor: ``x_c``, (d,) float32, from the context's viewings.
+        weight: ``beta`` >= 0, finite.
+
+    Returns:
+        (d,) float32: ``factor`` itself (the same array, not a copy) when ``weight`` is 0 or
+        either factor is all zeros (no steer: the ranking is exactly the unsteered one), else
+        the blend.
+
+    Raises:
+        ValueError: the shapes differ or ``weight`` is negative or not finite.
+    """
+    if factor.shape != context_factor.shape or factor.ndim != 1:
+        raise ValueError(
+            f"factor {factor.shape} and context_factor {context_factor.shape} must be the same"
+            " (d,) shape"
+        )
+    if not (math.isfinite(weight) and weight >= 0.0):
+        raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
+    norm = float(np.linalg.norm(factor.astype(np.float64)))
+    context_norm = float(np.linalg.norm(context_factor.astype(np.float64)))
+    if weight == 0.0 or norm == 0.0 or context_norm == 0.0:
+        return factor
+    steered = factor.astype(np.float64) / norm + (weight / context_norm) * context_factor.astype(
+        np.float64
+    )
+    return steered.astype(np.float32)
 
 
 @dataclass(frozen=True)

@@ -68,14 +68,22 @@ class SyncError(BrainError):
         code: the gRPC status code when the failure came from gRPC, else None.
         retryable: True when the same request may succeed if retried later
             (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED).
+        retry_after_seconds: the server's hint (trailing metadata ``retry-after-ms``, e.g.
+            with RESOURCE_EXHAUSTED from a rate limit) of how long to wait, else None.
     """
 
     def __init__(
-        self, message: str, *, code: grpc.StatusCode | None = None, retryable: bool = False
+        self,
+        message: str,
+        *,
+        code: grpc.StatusCode | None = None,
+        retryable: bool = False,
+        retry_after_seconds: float | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.retryable = retryable
+        self.retry_after_seconds = retry_after_seconds
 
     @classmethod
     def from_rpc_error(cls, rpc: str, exc: grpc.RpcError) -> SyncError:
@@ -97,7 +105,26 @@ class SyncError(BrainError):
             f"{rpc} failed: {name}: {details or exc!r}",
             code=status,
             retryable=status in RETRYABLE_STATUS_CODES,
+            retry_after_seconds=_retry_after(exc),
         )
+
+
+def _retry_after(exc: grpc.RpcError) -> float | None:
+    """The ``retry-after-ms`` trailer of a failed call in seconds (bounded to an hour)."""
+    trailers = _call_attr(exc, "trailing_metadata") or ()
+    for entry in trailers:
+        key, value = getattr(entry, "key", None), getattr(entry, "value", None)
+        if key is None and isinstance(entry, tuple) and len(entry) == 2:
+            key, value = entry
+        if key == "retry-after-ms":
+            if not isinstance(value, str | bytes):
+                return None
+            try:
+                ms = float(value)
+            except ValueError:
+                return None
+            return min(max(ms, 0.0), 3_600_000.0) / 1000.0 if ms == ms else None
+    return None
 
 
 def _call_attr(exc: grpc.RpcError, name: str) -> Any:

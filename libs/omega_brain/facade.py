@@ -3,8 +3,12 @@
 Requests are JSON objects with an ``op`` and its parameters:
 
 * ``{"op": "init", "device_id": str, "store_path": str = ":memory:", "target": str | null,
+  "credential": str | null, "ca_file": str | null, "plaintext": bool = false,
   "config": {BrainConfig field: value, ...}}``: opens (or reopens) the brain; a previous one
   is shut down first. ``target`` is the shard's gRPC address; without it the brain is offline.
+  ``credential`` is the device's token (``omega-constellation issue-token``), ``ca_file`` a
+  PEM file of the CA the shard's certificate chains to (default: the system's roots);
+  ``plaintext`` turns TLS off (tests only).
 * ``{"op": "recommend", "k": int = 10, "timestamp_ms": int | null, "use_global": bool = true,
   "exclude_watched": bool = true}`` -> ``{"items": [{"content_id", "title", "score",
   "reasons"}]}``.
@@ -13,6 +17,8 @@ Requests are JSON objects with an ``op`` and its parameters:
 * ``{"op": "sync"}`` -> ``{"result": {SyncResult fields}}``; fetches the catalog first when the
   brain has none. ``ok`` is the sync's own ``ok``.
 * ``{"op": "stats"}`` -> ``{"stats": {BrainStats fields}}``.
+* ``{"op": "forget"}`` -> ``{"forgotten": bool}``: erases the device's data on its shard and
+  then on the device (`Brain.forget`).
 * ``{"op": "shutdown"}``: closes the brain (and the gRPC channel it opened).
 
 Every reply is ``{"ok": true, ...}`` or ``{"ok": false, "error": {"type": ..., "message":
@@ -56,7 +62,9 @@ class JsonBrain:
     Args:
         catalog: a prebuilt catalog shared with the brain (optional).
         transport_factory: builds the transport for an ``init`` ``target`` (default:
-            `GrpcTransport`); a transport with a ``close()`` method is closed at shutdown.
+            `GrpcTransport`), called with the target and, when ``init`` gives them, the
+            keyword arguments ``credential``, ``root_certificates`` and ``plaintext``; a
+            transport with a ``close()`` method is closed at shutdown.
         clock: wall clock for the brain, seconds since the epoch.
     """
 
@@ -64,7 +72,7 @@ class JsonBrain:
         self,
         *,
         catalog: CatalogIndex | None = None,
-        transport_factory: Callable[[str], SyncTransport] | None = None,
+        transport_factory: Callable[..., SyncTransport] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._catalog = catalog
@@ -112,6 +120,7 @@ class JsonBrain:
             "observe": self._observe,
             "sync": self._sync,
             "stats": self._stats,
+            "forget": self._forget,
             "shutdown": self._shutdown,
         }
         if not isinstance(op, str) or op not in handlers:
@@ -129,8 +138,21 @@ class JsonBrain:
             config = BrainConfig(store_path=store_path, **overrides)
         except (TypeError, ValueError) as exc:
             raise _RequestError(f"bad config: {exc}") from None
+        security: dict[str, Any] = {}
+        credential = _param(req, "credential", str, None, nullable=True)
+        ca_file = _param(req, "ca_file", str, None, nullable=True)
+        if credential is not None:
+            security["credential"] = credential
+        if ca_file is not None:
+            try:
+                with open(ca_file, "rb") as f:
+                    security["root_certificates"] = f.read(1 << 20)
+            except OSError as exc:
+                raise _RequestError(f"cannot read ca_file: {exc.strerror}") from None
+        if _param(req, "plaintext", bool, False):
+            security["plaintext"] = True
         self._shutdown({})
-        transport = self._transport_factory(target) if target else None
+        transport = self._transport_factory(target, **security) if target else None
         try:
             brain = Brain(
                 device_id, config, transport=transport, catalog=self._catalog, clock=self._clock
@@ -194,6 +216,9 @@ class JsonBrain:
         if not result.ok:
             reply["error"] = {"type": "SyncError", "message": result.error or "sync failed"}
         return reply
+
+    def _forget(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {"forgotten": self._require_brain().forget()}
 
     def _stats(self, req: dict[str, Any]) -> dict[str, Any]:
         stats = dataclasses.asdict(self._require_brain().stats())

@@ -9,7 +9,8 @@ viewing history (the `Brain` wires it to the store, the transport and ranking):
   `update_direction` and `score_items` work on catalog positions directly, and scoring the
   whole catalog is one matrix-vector product);
 * `device_preferences`: the device's unit-norm preference vector over catalog positions from
-  all its viewings, and the success rate and sample count of its quality weight;
+  all its viewings (or one context bucket's), and the success rate and sample count of its
+  quality weight;
 * `build_model_update`: the `ItemFactorUpdate` the device sends once per model version.
 """
 
@@ -95,7 +96,8 @@ def align_model(model: StoredModel, catalog: CatalogIndex) -> AlignedModel | Non
 
 @dataclass(frozen=True, slots=True)
 class Preferences:
-    """The device's preferences over the catalog, from all its viewings of catalog items.
+    """The device's preferences over the catalog, from viewings of catalog items (all of the
+    device's, or those of one context bucket for the context steer of `Brain.recommend`).
 
     Attributes:
         items: (m,) int64 ascending catalog positions with a positive weight.

@@ -137,17 +137,16 @@ class ModelRelevance:
             does not know the item).
         content: (n,) float32, the content part of items the model does not know (0 elsewhere).
         trend: (n,) float32, ``trend_weight x`` the trending score normalized to [0, 1].
+        scale: the largest absolute value of ``V x`` that ``model`` was divided by (1.0 when
+            every score is 0), so that a part ``V x'`` of the scores (``x = x' + x''``) is
+            ``V x' / scale`` on the same footing as ``model``.
     """
 
     total: npt.NDArray[np.float32]
     model: npt.NDArray[np.float32]
     content: npt.NDArray[np.float32]
     trend: npt.NDArray[np.float32]
-
-
-def _max_abs_normalized(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    top = float(np.max(np.abs(x))) if x.size else 0.0
-    return (x / np.float32(top)).astype(np.float32) if top > 0.0 else x.astype(np.float32)
+    scale: float = 1.0
 
 
 def model_relevance(
@@ -182,7 +181,10 @@ def model_relevance(
         The relevance and its parts, each (n,) float32.
     """
     n = int(scores.shape[0])
-    model = np.where(known, _max_abs_normalized(scores), np.float32(0.0)).astype(np.float32)
+    top = float(np.max(np.abs(scores))) if scores.size else 0.0
+    scale = top if top > 0.0 else 1.0
+    normalized = (scores / np.float32(top)).astype(np.float32) if top > 0.0 else scores
+    model = np.where(known, normalized, np.float32(0.0)).astype(np.float32)
     content = np.zeros(n, dtype=np.float32)
     if cold_positions is not None and cold_similarity is not None and cold_positions.size:
         usable = ~known[cold_positions] & (cold_similarity > 0.0)
@@ -194,7 +196,7 @@ def model_relevance(
         if trend is not None and trend_weight > 0.0
         else np.zeros(n, dtype=np.float32)
     )
-    return ModelRelevance(model + content + trend_part, model, content, trend_part)
+    return ModelRelevance(model + content + trend_part, model, content, trend_part, scale)
 
 
 def top_unexcluded(

@@ -91,6 +91,8 @@ STATE_KEYS = (
     "model_update_version",
     "model_update_items",
     "model_bytes_down",
+    "server_version_known",
+    "next_sync_at_ms",
 )
 
 _STATE_DEFAULTS = {"model_update_version": -1}
@@ -388,13 +390,17 @@ class Store:
             ).fetchall()
         return [(str(c), float(s)) for c, s in rows]
 
-    def viewings(self) -> list[tuple[str, float]]:
-        """``(content_id, completion)`` of every stored event, oldest first."""
+    def viewings(self) -> list[tuple[str, float, int]]:
+        """``(content_id, completion, bucket)`` of every stored event, oldest first.
+
+        ``bucket`` is the context bucket index the event was filed under when observed (the
+        bucket of its pattern, from the UTC offset in force then), in [0, 8).
+        """
         with self._guard("reading events"):
             rows = self._conn.execute(
-                "SELECT content_id, completion FROM events ORDER BY id"
+                "SELECT content_id, completion, bucket FROM events ORDER BY id"
             ).fetchall()
-        return [(str(c), float(x)) for c, x in rows]
+        return [(str(c), float(x), int(b)) for c, x, b in rows]
 
     def model(self) -> StoredModel:
         """The persisted item-factor model (no rows before the first fetch).
@@ -448,9 +454,11 @@ class Store:
         if unknown:
             raise StoreError(f"unknown sync state keys {sorted(unknown)}")
         with self._guard("writing sync state"):
+            # An upsert: stores created before a key existed gain it on first write.
             self._conn.executemany(
-                "UPDATE sync_state SET value = ? WHERE key = ?",
-                [(int(v), k) for k, v in values.items()],
+                "INSERT INTO sync_state (key, value) VALUES (?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [(k, int(v)) for k, v in values.items()],
             )
 
     def insert_event(
@@ -511,6 +519,20 @@ class Store:
                 "INSERT OR REPLACE INTO acked_patterns (pattern_id, sample_count, acked_version)"
                 " VALUES (?, ?, ?)",
                 [(pid, int(n), int(version)) for pid, n in items],
+            )
+
+    def forget_personal_data(self) -> None:
+        """Delete what the device learned of its viewer: events, patterns, acknowledgements,
+        pending view counts and the sync state (versions, counters). What came from the
+        servers (catalog, global patterns, trending, the model) is kept. Call inside
+        `transaction`; the freed pages are reclaimed by SQLite's next vacuum."""
+        with self._guard("forgetting personal data"):
+            for table in ("events", "patterns", "acked_patterns", "pending_views"):
+                self._conn.execute(f"DELETE FROM {table}")
+            keep = ("global_version", "catalog_version", "model_version", "model_factors")
+            self._conn.executemany(
+                "UPDATE sync_state SET value = ? WHERE key = ?",
+                [(_STATE_DEFAULTS.get(k, 0), k) for k in STATE_KEYS if k not in keep],
             )
 
     def clear_acked(self) -> None:

@@ -12,6 +12,8 @@ together instead of making them retry in lock-step.
 
 from __future__ import annotations
 
+import json
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -42,7 +44,28 @@ __all__ = [
 _MAX_RECEIVE_BYTES = 16 << 20
 _MAX_CATALOG_PAGES = 100_000
 _MAX_MODEL_PAGES = 100_000
+_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{"service": "omega.v1.ConstellationSync"}],
+                # gRPC's own transparent retries of one attempt (connection refused while a
+                # replica restarts, a rate limit's pushback): short, under the brain's own
+                # budget-bound retries (`call_with_retries`), which span a whole restart.
+                "retryPolicy": {
+                    "maxAttempts": 3,
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
 _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.service_config", _SERVICE_CONFIG),
+    ("grpc.enable_retries", 1),
     ("grpc.max_receive_message_length", _MAX_RECEIVE_BYTES),
     ("grpc.max_send_message_length", 4 << 20),
     # Ping only while a call is in flight, every 2 min: servers refuse more frequent pings
@@ -53,6 +76,15 @@ _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 ]
 
 T = TypeVar("T")
+
+
+def _bearer(credential: str | None) -> tuple[tuple[str, str], ...]:
+    """Call metadata carrying the device token (gRPC metadata key ``authorization``)."""
+    if credential is None:
+        return ()
+    if not isinstance(credential, str) or not credential or "\n" in credential:
+        raise SyncError("credential must be a non-empty single-line string")
+    return (("authorization", f"Bearer {credential}"),)
 
 
 class SyncTransport(Protocol):
@@ -84,34 +116,74 @@ class SyncTransport(Protocol):
         """
         ...
 
+    def forget_device(
+        self, request: sync_pb2.ForgetDeviceRequest, timeout: float
+    ) -> sync_pb2.ForgetDeviceResponse:
+        """Ask the shard to delete what it keeps about the device (`Brain.forget`); a
+        transport of an offline or test setting may leave it out."""
+        ...
+
 
 class GrpcTransport:
-    """`SyncTransport` over a synchronous gRPC channel (plaintext).
+    """`SyncTransport` over a synchronous gRPC channel, TLS by default.
 
     Args:
-        target: the shard's address, e.g. ``"127.0.0.1:50051"`` or ``"dns:///shard-0:50051"``.
+        target: the shard's address, e.g. ``"shard-0.omega.example:443"`` or
+            ``"127.0.0.1:50051"``.
+        credential: the device's token (``omega-constellation issue-token``), sent as
+            ``authorization: Bearer <token>`` on every call; None sends none (a shard that
+            requires credentials then answers UNAUTHENTICATED).
+        root_certificates: PEM CA bundle the shard's certificate must chain to; None trusts
+            the system's roots.
+        plaintext: no TLS (tests and debugging only); ``root_certificates`` is then ignored.
 
     The channel accepts replies up to 16 MiB and sends keepalive pings during calls. Use
-    `from_channel` to share one channel between many brains (the simulator).
+    `from_channel` to share one channel between many brains (the simulator) and
+    `with_credential` to give each of them its own token over it.
+
+    Raises:
+        SyncError: an empty target.
     """
 
-    def __init__(self, target: str) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        credential: str | None = None,
+        root_certificates: bytes | None = None,
+        plaintext: bool = False,
+    ) -> None:
         if not isinstance(target, str) or not target:
             raise SyncError("gRPC target must be a non-empty string")
         self._target = target
-        self._channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        if plaintext:
+            self._channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        else:
+            tls = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            self._channel = grpc.secure_channel(target, tls, options=_CHANNEL_OPTIONS)
         self._owns_channel = True
         self._stub = sync_pb2_grpc.ConstellationSyncStub(self._channel)
+        self._metadata = _bearer(credential)
 
     @classmethod
-    def from_channel(cls, channel: grpc.Channel) -> GrpcTransport:
+    def from_channel(cls, channel: grpc.Channel, credential: str | None = None) -> GrpcTransport:
         """A transport over an existing channel, which `close` leaves open."""
         self = cls.__new__(cls)
         self._target = "<shared channel>"
         self._channel = channel
         self._owns_channel = False
         self._stub = sync_pb2_grpc.ConstellationSyncStub(channel)
+        self._metadata = _bearer(credential)
         return self
+
+    def with_credential(self, credential: str | None) -> GrpcTransport:
+        """A transport over this one's channel that sends ``credential`` (one per device).
+
+        Closing it leaves the channel open; close the original when every user is done.
+        """
+        other = GrpcTransport.from_channel(self._channel, credential)
+        other._target = self._target
+        return other
 
     @property
     def target(self) -> str:
@@ -158,11 +230,24 @@ class GrpcTransport:
             raise SyncError(f"FetchModel returned {type(response).__name__}")
         return response
 
+    def forget_device(
+        self, request: sync_pb2.ForgetDeviceRequest, timeout: float
+    ) -> sync_pb2.ForgetDeviceResponse:
+        """Call ``ConstellationSync.ForgetDevice``.
+
+        Raises:
+            SyncError: as for `sync_patterns`.
+        """
+        response = self._call("ForgetDevice", self._stub.ForgetDevice, request, timeout)
+        if not isinstance(response, sync_pb2.ForgetDeviceResponse):
+            raise SyncError(f"ForgetDevice returned {type(response).__name__}")
+        return response
+
     def _call(
         self, rpc: str, method: Callable[..., object], request: object, timeout: float
     ) -> object:
         try:
-            return method(request, timeout=timeout)
+            return method(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise SyncError.from_rpc_error(rpc, exc) from exc
         except ValueError as exc:  # e.g. "Cannot invoke RPC on closed channel!"
@@ -211,8 +296,15 @@ def call_with_retries(
     rng: random.Random,
     outcome: RetryOutcome,
     sleep: Callable[[float], None] = time.sleep,
+    budget_seconds: float = math.inf,
+    clock: Callable[[], float] = time.monotonic,
 ) -> T:
     """Run ``call`` until it succeeds, retrying only retryable `SyncError`s.
+
+    Before retry n it waits the full-jitter backoff (`backoff_seconds`), or the server's
+    ``retry-after-ms`` hint when that is longer. It stops after ``max_attempts`` attempts, or
+    when the next wait would end past ``budget_seconds`` since the first attempt started
+    (size the budget to span a replica restart: a few seconds).
 
     Args:
         call: the attempt; raises `SyncError` on failure.
@@ -222,14 +314,18 @@ def call_with_retries(
         rng: source of jitter.
         outcome: filled in with attempts made and the last attempt's latency.
         sleep: how to wait (seconds).
+        budget_seconds: longest time from the first attempt to the start of the last one.
+        clock: monotonic seconds (tests pass a fake one with ``sleep``).
 
     Returns:
         The first successful result.
 
     Raises:
-        SyncError: the last error, when an attempt failed non-retryably or every attempt
-            failed. Any other exception from ``call`` is wrapped as a non-retryable SyncError.
+        SyncError: the last error, when an attempt failed non-retryably or the attempts or
+            the budget ran out. Any other exception from ``call`` is wrapped as a
+            non-retryable SyncError.
     """
+    started = clock()
     while True:
         outcome.attempts += 1
         start = time.perf_counter()
@@ -247,7 +343,12 @@ def call_with_retries(
         outcome.errors.append(str(error))
         if not error.retryable or outcome.attempts >= max_attempts:
             raise error
-        sleep(backoff_seconds(outcome.attempts, base_backoff_seconds, max_backoff_seconds, rng))
+        wait = backoff_seconds(outcome.attempts, base_backoff_seconds, max_backoff_seconds, rng)
+        if error.retry_after_seconds is not None:
+            wait = max(wait, error.retry_after_seconds)
+        if clock() - started + wait > budget_seconds:
+            raise error
+        sleep(wait)
 
 
 @dataclass(frozen=True)
@@ -280,6 +381,7 @@ def fetch_catalog(
     base_backoff_seconds: float = 0.05,
     max_backoff_seconds: float = 2.0,
     rng: random.Random | None = None,
+    budget_seconds: float = math.inf,
 ) -> FetchedCatalog:
     """Page through ``FetchEmbeddings`` and return every item changed since a version.
 
@@ -297,6 +399,7 @@ def fetch_catalog(
         base_backoff_seconds: see `call_with_retries`.
         max_backoff_seconds: see `call_with_retries`.
         rng: jitter source (a fresh `random.Random` by default).
+        budget_seconds: retry time budget per page, see `call_with_retries`.
 
     Returns:
         The items, with embeddings decoded and normalized.
@@ -329,6 +432,7 @@ def fetch_catalog(
             max_backoff_seconds=max_backoff_seconds,
             rng=rng,
             outcome=RetryOutcome(),
+            budget_seconds=budget_seconds,
         )
         version = max(version, int(response.catalog_version))
         for item in response.items:
@@ -409,6 +513,7 @@ def download_model(
     base_backoff_seconds: float = 0.05,
     max_backoff_seconds: float = 2.0,
     rng: random.Random | None = None,
+    budget_seconds: float = math.inf,
     progress: FetchProgress | None = None,
 ) -> FetchedModel:
     """Page through ``FetchModel``: every item-factor row changed since a model version.
@@ -427,6 +532,7 @@ def download_model(
         base_backoff_seconds: see `call_with_retries`.
         max_backoff_seconds: see `call_with_retries`.
         rng: jitter source (a fresh `random.Random` by default).
+        budget_seconds: retry time budget per page, see `call_with_retries`.
         progress: filled in with pages and bytes received, also when this raises.
 
     Returns:
@@ -449,6 +555,7 @@ def download_model(
                 base_backoff_seconds=base_backoff_seconds,
                 max_backoff_seconds=max_backoff_seconds,
                 rng=jitter,
+                budget_seconds=budget_seconds,
                 outcome=RetryOutcome(),
             )
         except _ModelVersionMovedError as exc:

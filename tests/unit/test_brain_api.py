@@ -153,9 +153,10 @@ def test_config_rejects_out_of_range(overrides: dict[str, object]) -> None:
 def test_config_defaults() -> None:
     cfg = BrainConfig()
     assert cfg.store_path == ":memory:"
-    assert (cfg.hnsw_m, cfg.ef_search, cfg.max_attempts) == (32, 128, 4)
+    assert (cfg.hnsw_m, cfg.ef_search, cfg.max_attempts) == (32, 128, 14)
+    assert cfg.retry_budget_seconds == 15.0
     assert (cfg.base_backoff_seconds, cfg.max_backoff_seconds, cfg.timeout_seconds) == (
-        0.05,
+        0.25,
         2.0,
         5.0,
     )
@@ -289,7 +290,7 @@ def test_facade_round_trip(shared_catalog: CatalogIndex, tmp_path: Path) -> None
     synced = call(facade, {"op": "sync"})
     assert synced["ok"] is True
     assert synced["result"]["acknowledged_version"] == 3  # type: ignore[index]
-    delta = decode_payload(transport.requests[0].delta, patterns_pb2.PatternDelta)
+    delta = decode_payload(transport.requests[-1].delta, patterns_pb2.PatternDelta)
     assert len(delta.added) == 1
 
     stats = call(facade, {"op": "stats"})

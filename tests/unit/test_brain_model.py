@@ -18,7 +18,7 @@ import numpy.typing as npt
 import pytest
 
 from omega.v1 import patterns_pb2, sync_pb2
-from omega_brain import Brain, BrainConfig, CatalogIndex, SyncError, ViewingEvent
+from omega_brain import Brain, BrainConfig, CatalogIndex, Recommendation, SyncError, ViewingEvent
 from omega_brain.brain import REASON_MODEL
 from omega_brain.collaborative import InteractionWeights, preference_vector, update_direction
 from omega_brain.model import align_model, build_model_update, device_preferences
@@ -102,6 +102,8 @@ class ModelShard:
     ) -> sync_pb2.SyncPatternsResponse:
         copy = sync_pb2.SyncPatternsRequest()
         copy.CopyFrom(request)
+        if request.local_version == 0:  # a pull: a new store learning its version
+            return sync_pb2.SyncPatternsResponse(model_version=self.model_version)
         self.requests.append(copy)
         ack = request.local_version
         if self.sync_script:
@@ -400,7 +402,8 @@ def test_no_update_without_a_weighted_viewing(catalog: CatalogIndex) -> None:
         assert not brain.sync().model_update_sent
         watch(brain, [2], 0.9)
         assert brain.sync().model_update_sent
-        assert shard.updates()[:2] == [None, None]
+        updates = shard.updates()  # the first sync, with nothing to send, was a pull
+        assert len(updates) == 2 and updates[0] is None and updates[1] is not None
 
 
 def test_direction_once_per_model_version(catalog: CatalogIndex) -> None:
@@ -535,6 +538,95 @@ def test_cold_items_can_appear(catalog: CatalogIndex) -> None:
         assert all(REASON_MODEL not in r.reasons for r in recs[1:])
 
 
+EVENING = TS - 3 * 3_600_000  # Tuesday 19:13 UTC: evening/weekday
+MORNING = TS - 13 * 3_600_000  # Tuesday 09:13 UTC: morning/weekday
+EVENING_REASON = "matches your evening/weekday viewing"
+MORNING_REASON = "matches your morning/weekday viewing"
+
+
+def watch_at(brain: Brain, items: list[int], timestamp_ms: int) -> None:
+    for i in items:
+        brain.observe(ViewingEvent(f"item-{i}", timestamp_ms, 0.95, 600.0))
+
+
+def taste_of(recs: list[Recommendation]) -> set[str]:
+    """Which planted taste each recommended item belongs to: A (items 0..39), B (40..79)."""
+    return {"A" if int(r.content_id.split("-")[1]) < 40 else "B" for r in recs}
+
+
+def context_brain(catalog: CatalogIndex, weight: float, **overrides: object) -> Brain:
+    """A brain whose evenings are taste A (6 viewings) and mornings taste B (3 viewings), with
+    the planted model, which knows both tastes."""
+    shard = ModelShard()
+    shard.publish(1, planted_rows(1))
+    brain = fresh_brain(catalog, shard, model_context_weight=weight, **overrides)
+    watch_at(brain, [0, 1, 2, 3, 4, 5], EVENING)
+    watch_at(brain, [40, 41, 42], MORNING)
+    assert brain.sync().model_version == 1
+    return brain
+
+
+def test_context_steers_the_ranking_to_the_moments_taste(catalog: CatalogIndex) -> None:
+    with context_brain(catalog, 1.0) as brain:
+        evening = brain.recommend(10, timestamp_ms=EVENING + 60_000)
+        morning = brain.recommend(10, timestamp_ms=MORNING + 60_000)
+        assert taste_of(evening) == {"A"}, [r.content_id for r in evening]
+        assert taste_of(morning) == {"B"}, [r.content_id for r in morning]
+        # The steer is what lifts taste B in the morning: it says so, first.
+        assert all(r.reasons[0] == MORNING_REASON for r in morning)
+        assert all(REASON_MODEL in r.reasons for r in evening)
+        assert all(EVENING_REASON in r.reasons for r in evening)
+        assert all(r.score <= 1.0 + 1e-5 for r in morning + evening)
+
+
+def test_without_the_context_weight_the_whole_history_ranks(catalog: CatalogIndex) -> None:
+    with context_brain(catalog, 0.0) as brain:
+        evening = brain.recommend(10, timestamp_ms=EVENING + 60_000)
+        morning = brain.recommend(10, timestamp_ms=MORNING + 60_000)
+        assert taste_of(evening) == taste_of(morning) == {"A"}  # 6 viewings of A, 3 of B
+        assert [r.content_id for r in evening] == [r.content_id for r in morning]
+        assert all(r.reasons == (REASON_MODEL,) for r in evening + morning)
+
+
+def test_a_bucket_without_viewings_is_not_steered(catalog: CatalogIndex) -> None:
+    with context_brain(catalog, 1.0) as steered, context_brain(catalog, 0.0) as plain:
+        # TS is Tuesday night: no viewing in that bucket, so the whole history ranks.
+        assert steered.recommend(10, timestamp_ms=TS) == plain.recommend(10, timestamp_ms=TS)
+        # Afternoon: the bucket has only an item the model does not know.
+        afternoon = TS - 8 * 3_600_000  # Tuesday 14:13 UTC
+        watch_at(steered, [100], afternoon)
+        watch_at(plain, [100], afternoon)
+        assert steered.recommend(10, timestamp_ms=afternoon) == plain.recommend(
+            10, timestamp_ms=afternoon
+        )
+
+
+def test_context_steer_follows_new_viewings_and_survives_reopen(
+    tmp_path: Path, catalog: CatalogIndex
+) -> None:
+    shard = ModelShard()
+    shard.publish(1, planted_rows(1))
+    config = BrainConfig(store_path=tmp_path / "brain.db", model_context_weight=1.0)
+    with Brain("tv", config, transport=shard, catalog=catalog) as brain:
+        watch_at(brain, [0, 1, 2, 3, 4, 5], EVENING)
+        assert brain.sync().model_version == 1
+        assert taste_of(brain.recommend(10, timestamp_ms=MORNING)) == {"A"}  # no morning yet
+        watch_at(brain, [40, 41, 42], MORNING)  # the morning's cached preferences are renewed
+        assert taste_of(brain.recommend(10, timestamp_ms=MORNING)) == {"B"}
+        before = brain.recommend(10, timestamp_ms=MORNING)
+    with Brain("tv", config, transport=shard, catalog=catalog) as reopened:
+        assert reopened.recommend(10, timestamp_ms=MORNING) == before
+
+
+def test_store_viewings_carry_the_bucket(tmp_path: Path) -> None:
+    store = Store(tmp_path / "brain.db", "tv")
+    with store.transaction():
+        store.insert_event("item-1", MORNING, 0.9, 60.0, 2, 1, 1)
+        store.insert_event("item-2", EVENING, 0.1, 6.0, 4, 2, 2)
+    assert store.viewings() == [("item-1", 0.9, 2), ("item-2", 0.1, 4)]
+    store.close()
+
+
 @pytest.mark.parametrize(
     "rows",
     [
@@ -600,6 +692,10 @@ def test_model_relevance_parts() -> None:
     np.testing.assert_allclose(r.content, [0, 0, 0.5, 0.25, 0])  # known item 0 is not cold
     np.testing.assert_allclose(r.trend, [0, 0, 0, 0.2, 0.1])
     np.testing.assert_allclose(r.total, r.model + r.content + r.trend)
+    assert r.scale == 4.0  # what V x was divided by
+    assert (
+        model_relevance(np.zeros(3, np.float32), known[:3], trend=None, trend_weight=0).scale == 1
+    )
 
 
 def test_top_unexcluded_breaks_ties_by_position() -> None:
@@ -637,6 +733,9 @@ def test_user_factor_over_aligned_model_matches_bench_usage() -> None:
         {"model_trend_weight": -0.1},
         {"model_trend_weight": float("nan")},
         {"model_cold_weight": -1.0},
+        {"model_context_weight": -0.25},
+        {"model_context_weight": float("nan")},
+        {"model_context_weight": True},
         {"model_page_size": 0},
         {"model_page_size": 1.5},
     ],

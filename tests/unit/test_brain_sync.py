@@ -6,6 +6,7 @@ tests against real gRPC servers live in tests/integration.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 from collections.abc import Callable
@@ -63,6 +64,8 @@ class FakeShard:
 
     def __init__(self, catalog_items: tuple[list[str], npt.NDArray[np.float32]] | None = None):
         self.requests: list[sync_pb2.SyncPatternsRequest] = []
+        self.pulls: list[sync_pb2.SyncPatternsRequest] = []
+        self.server_version = 0  # the device's last version the shard applied (pull answer)
         self.script: list[Exception | Step] = []
         self.global_patterns: patterns_pb2.GlobalPatterns | None = None
         self.items = catalog_items
@@ -78,13 +81,23 @@ class FakeShard:
         assert timeout == FAST.timeout_seconds
         copy = sync_pb2.SyncPatternsRequest()
         copy.CopyFrom(request)
-        self.requests.append(copy)
-        if self.script:
-            step = self.script.pop(0)
-            if isinstance(step, Exception):
-                raise step
-            return step(request)
-        response = sync_pb2.SyncPatternsResponse(acknowledged_version=request.local_version)
+        if (
+            request.local_version == 0
+            and not decode_payload(request.delta, patterns_pb2.PatternDelta).ListFields()
+        ):
+            # A pull (a new store learning its version, or nothing to send): answered
+            # directly, without consuming the script.
+            self.pulls.append(copy)
+            ack = self.server_version
+        else:
+            self.requests.append(copy)
+            if self.script:
+                step = self.script.pop(0)
+                if isinstance(step, Exception):
+                    raise step
+                return step(request)
+            ack = request.local_version
+        response = sync_pb2.SyncPatternsResponse(acknowledged_version=ack)
         if self.global_patterns is not None:
             response.global_patterns.CopyFrom(encode_payload(self.global_patterns))
             response.global_version = self.global_patterns.global_version
@@ -229,7 +242,7 @@ def test_retry_on_unavailable_then_success(catalog: CatalogIndex) -> None:
 
 def test_retries_stop_after_max_attempts(catalog: CatalogIndex) -> None:
     shard = FakeShard()
-    shard.script = [unavailable() for _ in range(10)]
+    shard.script = [unavailable() for _ in range(20)]
     with Brain("tv-1", FAST, transport=shard, catalog=catalog) as brain:
         session(brain, [1])
         result = brain.sync()
@@ -304,14 +317,63 @@ def test_ack_below_sent_version_is_not_applied(catalog: CatalogIndex) -> None:
         assert len(delta.added) == 1 and delta.added[0].sample_count == 2  # re-sent in full
 
 
-def test_ack_above_local_version_moves_local_version_past_it(catalog: CatalogIndex) -> None:
+def test_ack_above_the_sent_version_is_not_taken_for_an_ack(catalog: CatalogIndex) -> None:
+    # The shard holds a later version than the device sent (its store was replaced): the
+    # delta was not applied, so nothing may be marked acknowledged; it is re-sent past it.
     shard = FakeShard()
     with Brain("tv-1", FAST, transport=shard, catalog=catalog) as brain:
         session(brain, [1])
         shard.script = [lambda r: sync_pb2.SyncPatternsResponse(acknowledged_version=40)]
-        assert brain.sync().ok
+        first = brain.sync()
+        assert not first.ok and "above the sent" in (first.error or "")
+        assert brain.stats().acked_version == 0
+        second = brain.sync()
+        assert second.ok and second.acknowledged_version == 41
+        assert shard.requests[-1].local_version == 41
+        assert [p.pattern_id for p in shard.deltas()[-1].added] == [
+            p.pattern_id for p in shard.deltas()[0].added
+        ]
         session(brain, [2])
-        assert brain.stats().local_version == 41
+        assert brain.stats().local_version == 42
+
+
+def test_factory_reset_store_learns_the_server_version_and_resends(
+    catalog: CatalogIndex,
+) -> None:
+    shard = FakeShard()
+    shard.server_version = 57  # the device's previous life
+    with Brain("tv-1", FAST, transport=shard, catalog=catalog) as brain:
+        session(brain, [1, 2])
+        result = brain.sync()
+        assert result.ok and result.acknowledged_version == 58
+        assert len(shard.pulls) == 1 and shard.pulls[0].local_version == 0
+        assert [r.local_version for r in shard.requests] == [58]
+        assert len(shard.deltas()[0].added) == result.patterns_sent > 0
+        assert brain.sync().ok
+        assert len(shard.pulls) == 1  # the version is learned once per store
+
+
+@pytest.mark.parametrize("hostile", [2**63 - 1, 2**64 - 1, 1 << 54])
+def test_an_implausible_server_version_cannot_wedge_the_device(
+    catalog: CatalogIndex, hostile: int, tmp_path: Path
+) -> None:
+    shard = FakeShard()
+    shard.server_version = hostile
+    cfg = dataclasses.replace(FAST, store_path=tmp_path / "tv.db")
+    with Brain("tv-1", cfg, transport=shard, catalog=catalog) as brain:
+        session(brain, [1])
+        assert brain.sync().ok  # the learning pull's answer is ignored
+        shard.script = [lambda r: sync_pb2.SyncPatternsResponse(acknowledged_version=hostile)]
+        session(brain, [2])
+        result = brain.sync()
+        assert not result.ok and "implausible" in (result.error or "")
+        session(brain, [3])  # observe() keeps working
+        local = brain.stats().local_version
+        assert local < 100
+    with Brain("tv-1", cfg, transport=shard, catalog=catalog) as reopened:
+        session(reopened, [4])
+        assert reopened.stats().local_version == local + 1
+        assert reopened.sync().ok
 
 
 def test_redirect_is_reported_and_nothing_applied(catalog: CatalogIndex) -> None:
@@ -351,7 +413,7 @@ def test_global_patterns_and_trends_are_applied(catalog: CatalogIndex) -> None:
         # The next request says which round the brain already has.
         shard.global_patterns = None
         brain.sync()
-        assert shard.requests[-1].since_global_version == 5
+        assert shard.pulls[-1].since_global_version == 5  # nothing to send: a pull
         assert brain.stats().global_pattern_count == 2  # an empty reply keeps them
 
 
@@ -405,7 +467,7 @@ def test_backoff_is_full_jitter_below_an_exponential_cap() -> None:
 
 
 def test_grpc_transport_wraps_connection_errors() -> None:
-    transport = GrpcTransport("127.0.0.1:1")  # nothing listens on port 1
+    transport = GrpcTransport("127.0.0.1:1", plaintext=True)  # nothing listens on port 1
     try:
         with pytest.raises(SyncError) as info:
             transport.sync_patterns(sync_pb2.SyncPatternsRequest(device_id="x"), 2.0)
@@ -525,3 +587,89 @@ def test_concurrent_observe_recommend_and_sync(catalog: CatalogIndex) -> None:
         assert sum(counts.values()) == 80
         views = sum(v.views for d in shard.deltas() for v in d.content_views)
         assert views == 80
+
+
+def test_retries_stop_at_the_time_budget_and_honour_the_server_hint() -> None:
+    from omega_brain.transport import RetryOutcome, call_with_retries
+
+    now = [0.0]
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        now[0] += seconds
+
+    def down() -> None:
+        raise SyncError("down", code=grpc.StatusCode.UNAVAILABLE, retryable=True)
+
+    outcome = RetryOutcome()
+    with pytest.raises(SyncError):
+        call_with_retries(
+            down,
+            max_attempts=100,
+            base_backoff_seconds=1.0,
+            max_backoff_seconds=1.0,
+            rng=random.Random(3),
+            outcome=outcome,
+            sleep=sleep,
+            budget_seconds=10.0,
+            clock=lambda: now[0],
+        )
+    assert sum(waits) <= 10.0 and outcome.attempts == len(waits) + 1 > 10
+
+    def limited() -> None:
+        raise SyncError(
+            "slow down",
+            code=grpc.StatusCode.RESOURCE_EXHAUSTED,
+            retryable=True,
+            retry_after_seconds=2.5,
+        )
+
+    waits.clear()
+    with pytest.raises(SyncError):
+        call_with_retries(
+            limited,
+            max_attempts=3,
+            base_backoff_seconds=0.01,
+            max_backoff_seconds=0.01,
+            rng=random.Random(3),
+            outcome=RetryOutcome(),
+            sleep=sleep,
+        )
+    assert waits == [2.5, 2.5]  # the hint, longer than the backoff, is waited
+
+
+def test_the_default_retries_ride_out_a_replica_restart() -> None:
+    # A shard that refuses connections for 3 s (a replica restart), with the brain's default
+    # retry settings: the sync's retries span it (seeded jitter, simulated time).
+    from omega_brain.transport import RetryOutcome, call_with_retries
+
+    cfg = BrainConfig()
+    now = [0.0]
+
+    def restarting() -> str:
+        now[0] += 0.01
+        if now[0] < 3.0:
+            raise SyncError("refused", code=grpc.StatusCode.UNAVAILABLE, retryable=True)
+        return "ok"
+
+    for seed in range(50):
+        now[0] = 0.0
+
+        def sleep(seconds: float) -> None:
+            now[0] += seconds
+
+        assert (
+            call_with_retries(
+                restarting,
+                max_attempts=cfg.max_attempts,
+                base_backoff_seconds=cfg.base_backoff_seconds,
+                max_backoff_seconds=cfg.max_backoff_seconds,
+                rng=random.Random(seed),
+                outcome=RetryOutcome(),
+                sleep=sleep,
+                budget_seconds=cfg.retry_budget_seconds,
+                clock=lambda: now[0],
+            )
+            == "ok"
+        )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from omega_brain.collaborative import (
@@ -13,6 +14,7 @@ from omega_brain.collaborative import (
     preference_vector,
     quality_weight,
     score_items,
+    steer_factor,
     update_direction,
     user_factor,
 )
@@ -52,6 +54,38 @@ def test_user_factor_and_scores_by_hand() -> None:
     x = user_factor(V, items, p)
     assert x == pytest.approx([0.8, 1.2], rel=1e-6)  # [1*0.8, 2*0.6]
     assert score_items(V, x) == pytest.approx([0.8, 2.4, 0.0, 0.48 + 0.96], rel=1e-6)
+
+
+def test_steer_factor_by_hand() -> None:
+    x = np.array([3.0, 4.0], dtype=np.float32)  # |x| = 5
+    x_context = np.array([0.0, 2.0], dtype=np.float32)  # |x_c| = 2
+    steered = steer_factor(x, x_context, 0.5)
+    assert steered.dtype == np.float32
+    np.testing.assert_allclose(steered, [0.6, 0.8 + 0.5], rtol=1e-6)
+    np.testing.assert_allclose(steer_factor(x, x_context, 1.0), [0.6, 1.8], rtol=1e-6)
+
+
+def test_steer_factor_without_a_steer_is_the_factor_itself() -> None:
+    x = np.array([3.0, 4.0], dtype=np.float32)
+    zero = np.zeros(2, dtype=np.float32)
+    assert steer_factor(x, np.ones(2, dtype=np.float32), 0.0) is x  # weight 0: exactly today's
+    assert steer_factor(x, zero, 1.0) is x  # no viewing of the bucket the model knows
+    assert steer_factor(zero, x, 1.0) is zero
+
+
+@pytest.mark.parametrize(
+    ("context", "weight", "message"),
+    [
+        (np.ones(3, dtype=np.float32), 1.0, "same"),
+        (np.ones(2, dtype=np.float32), -0.5, "weight"),
+        (np.ones(2, dtype=np.float32), float("inf"), "weight"),
+    ],
+)
+def test_steer_factor_rejects_bad_arguments(
+    context: npt.NDArray[np.float32], weight: float, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        steer_factor(np.ones(2, dtype=np.float32), context, weight)
 
 
 def test_model_update_by_hand() -> None:

@@ -4,7 +4,9 @@ The device code (``omega_brain.collaborative``), the server's round
 (``omega_federation.item_factors``) and the accountant (``omega_federation.accounting``) over
 MovieLens splits, every user a device, exactly as the fleet runs them but without the network:
 round 0 releases noisy per-item counts of the devices' weight vectors and picks the active
-items, rounds 1..T are noisy subspace iterations, then every device ranks the catalog.
+items, rounds 1..T are noisy subspace iterations, then every device ranks the catalog, its user
+factor optionally steered towards the context bucket of the recommendation moment as the
+brain's ``model_context_weight`` does (`omega_brain.collaborative.steer_factor`).
 Used by ``bench/collaborative_quality.py`` (hyper-parameter search on a validation split) and
 by ``omega-simulator run`` (the same model trained centrally, and the precision-vs-epsilon
 curve beside the replay's own figures).
@@ -26,6 +28,7 @@ from omega_brain.collaborative import (
     preference_vector,
     quality_weight,
     score_items,
+    steer_factor,
     user_factor,
 )
 from omega_brain.ranking import mmr
@@ -40,6 +43,7 @@ from omega_federation.item_factors import (
     orthonormalize,
     top_items,
 )
+from omega_protocol import bucket_from_timestamp
 from omega_simulator.replay import completion_of
 
 __all__ = [
@@ -73,6 +77,15 @@ class Config:
     full_weight_at: float = 1.0
     mmr_lambda: float = 1.0
     """MMR re-ranking of the top candidates as the brain does (1.0: relevance order)."""
+    context_weight: float = 0.0
+    """The brain's ``model_context_weight`` (beta >= 0): the user factor becomes
+    ``x / |x| + beta x_c / |x_c|``, ``x_c`` folded in from the device's fit ratings in the
+    context bucket of its recommendation moment (the bucket of its first evaluated rating's
+    timestamp). 0: the unsteered factor, exactly the scores without a context."""
+    utc_offset_minutes: int = 0
+    """Offset from UTC of every device's context buckets, in minutes. 0, as the MovieLens
+    replay (`omega_simulator.replay` keeps ``BrainConfig.utc_offset_minutes`` at its default
+    0): the rating timestamps are UTC and the users' time zones are unknown."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +106,7 @@ class Dataset:
         self.n_items = len(item_ids)
         self._vectors: npt.NDArray[np.float32] | None = None
         self._ml: MovieLens | None = None
+        self._buckets: dict[int, list[tuple[int, list[int]]]] = {}
 
     def vectors(self) -> npt.NDArray[np.float32]:
         """(n_items, 384) float32 unit content embeddings in item order (for MMR), cached."""
@@ -115,6 +129,40 @@ class Dataset:
             items, p = preference_vector(pairs, weights)
             successes = sum(r.rating >= 4 for r in part.fit)
             out.append((items, p, successes / max(1, len(part.fit)), len(part.fit)))
+        return out
+
+    def context_preferences(
+        self, weights: InteractionWeights, utc_offset_minutes: int
+    ) -> list[tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]]:
+        """Per device: ``(items, p)`` (`preference_vector`) of the fit ratings in the context
+        bucket of its recommendation moment, the first evaluated rating's timestamp (empty
+        arrays for a device with no evaluated rating or no fit rating in that bucket).
+
+        Buckets come from `omega_protocol.bucket_from_timestamp`, as the brain files events;
+        they are cached per UTC offset.
+        """
+        buckets = self._buckets.get(utc_offset_minutes)
+        if buckets is None:
+
+            def bucket(timestamp_s: int) -> int:
+                return bucket_from_timestamp(timestamp_s * 1000, utc_offset_minutes).index
+
+            buckets = [
+                (
+                    bucket(part.evaluated[0].timestamp) if part.evaluated else -1,
+                    [bucket(r.timestamp) for r in part.fit],
+                )
+                for part in self.parts
+            ]
+            self._buckets[utc_offset_minutes] = buckets
+        out = []
+        for part, (moment, fit_buckets) in zip(self.parts, buckets, strict=True):
+            pairs = [
+                (self.position[r.item_id], completion_of(r.rating))
+                for r, b in zip(part.fit, fit_buckets, strict=True)
+                if b == moment
+            ]
+            out.append(preference_vector(pairs, weights))
         return out
 
 
@@ -195,10 +243,29 @@ def federated_scores(
         factors[active] = orthonormalize(noisy)
     prior = _normalized(counts)
     scores = []
-    for items, p, _, _ in prefs:
-        s = score_items(factors, user_factor(factors, items, p)).astype(np.float64)
+    for x in _user_factors(dataset, config, weights, factors, prefs):
+        s = score_items(factors, x).astype(np.float64)
         scores.append((_normalized(s) + config.trend_weight * prior).astype(np.float32))
     return scores
+
+
+def _user_factors(
+    dataset: Dataset,
+    config: Config,
+    weights: InteractionWeights,
+    factors: npt.NDArray[np.float32],
+    prefs: Sequence[tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], float, int]],
+) -> list[npt.NDArray[np.float32]]:
+    """Per device, the (d,) float32 user factor, steered towards the context of its
+    recommendation moment with ``config.context_weight`` (unsteered at 0)."""
+    xs = [user_factor(factors, items, p) for items, p, _, _ in prefs]
+    if config.context_weight == 0.0:
+        return xs
+    contexts = dataset.context_preferences(weights, config.utc_offset_minutes)
+    return [
+        steer_factor(x, user_factor(factors, items, p), config.context_weight)
+        for x, (items, p) in zip(xs, contexts, strict=True)
+    ]
 
 
 def central_scores(dataset: Dataset, config: Config) -> list[npt.NDArray[np.float32]]:
@@ -208,7 +275,9 @@ def central_scores(dataset: Dataset, config: Config) -> list[npt.NDArray[np.floa
     factors = central_item_factors(
         ((i, p) for i, p, _, _ in prefs), dataset.n_items, config.factors
     )
-    return [score_items(factors, user_factor(factors, items, p)) for items, p, _, _ in prefs]
+    return [
+        score_items(factors, x) for x in _user_factors(dataset, config, weights, factors, prefs)
+    ]
 
 
 def popularity_scores(dataset: Dataset) -> list[npt.NDArray[np.float32]]:
