@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -28,7 +29,9 @@ from omega_common.errors import OmegaError
 __all__ = [
     "RpcMetrics",
     "ServerInterceptor",
+    "Undecodable",
     "add_health_and_reflection",
+    "safe_deserializer",
     "serve_until_signal",
     "set_serving",
 ]
@@ -56,13 +59,64 @@ class RpcMetrics:
 def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, OmegaError):
         return exc.code, str(exc)
+    if isinstance(exc, NotImplementedError):
+        # A generated servicer's base method (e.g. health's List, which grpcio-health-checking
+        # does not implement in its asyncio servicer): the client called a method not served.
+        return grpc.StatusCode.UNIMPLEMENTED, "method not implemented"
     if is_database_unavailable(exc):
         return grpc.StatusCode.UNAVAILABLE, f"database unavailable: {type(exc).__name__}"
     return grpc.StatusCode.INTERNAL, "internal error"
 
 
+class Undecodable:
+    """What `safe_deserializer` returns for request bytes that do not parse.
+
+    Attributes:
+        message: The fixed status message, e.g. "request is not a valid omega.v1.X".
+    """
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def safe_deserializer(
+    deserializer: Callable[[bytes], Any] | None,
+) -> Callable[[bytes], Any] | None:
+    """Wrap a request deserializer so that bytes that do not parse give an `Undecodable`.
+
+    Left to gRPC, a deserializer that raises ends the RPC with UNKNOWN, the exception's class
+    in the status message and a traceback logged per request; the interceptor's wrapper
+    instead answers INVALID_ARGUMENT with a fixed message (no internals) and logs one line.
+
+    Args:
+        deserializer: A generated ``Message.FromString`` (or any bytes -> message callable);
+            None (no deserialization) is returned as is.
+    """
+    if deserializer is None:
+        return None
+    owner = getattr(deserializer, "__self__", None)
+    descriptor = getattr(owner, "DESCRIPTOR", None)
+    name = str(getattr(descriptor, "full_name", "") or "request message")
+    message = f"request is not a valid {name}"
+
+    def deserialize(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except Exception:  # anything raised while parsing untrusted bytes is the client's fault
+            return Undecodable(message)
+
+    return deserialize
+
+
 class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Logging context, metrics and error mapping for unary-unary and unary-stream RPCs."""
+    """Logging context, metrics and error mapping for unary-unary and unary-stream RPCs.
+
+    Request bytes that do not parse as the method's request message are answered with
+    INVALID_ARGUMENT ("request is not a valid <message>") for every method, streaming
+    requests (server reflection) included: see `safe_deserializer`.
+    """
 
     def __init__(self, metrics: RpcMetrics, **context: str) -> None:
         """Args: metrics: where to record; context: extra fields bound for every RPC."""
@@ -78,19 +132,36 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return handler
         method = handler_call_details.method.rsplit("/", 1)[-1]
+        deserializer = safe_deserializer(handler.request_deserializer)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 self._wrap_stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_stream is not None and inspect.isasyncgenfunction(handler.stream_stream):
+            return grpc.stream_stream_rpc_method_handler(
+                self._wrap_bidi(handler.stream_stream, method),
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler
+
+    async def _refuse_undecodable(
+        self, context: grpc.aio.ServicerContext, method: str, started: float, request: Any
+    ) -> None:
+        """Abort with INVALID_ARGUMENT when ``request`` is an `Undecodable` (one log line)."""
+        if isinstance(request, Undecodable):
+            code = grpc.StatusCode.INVALID_ARGUMENT
+            self._finish(method, started, code)
+            _log.info("rpc_rejected", code=code.name, reason=request.message)
+            await context.abort(code, request.message)
 
     def _begin(self, method: str) -> float:
         structlog.contextvars.clear_contextvars()
@@ -110,11 +181,13 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             _log.exception("rpc_failed")
         else:
             _log.info("rpc_rejected", code=code.name, reason=message)
-        await context.abort(code, message)
+        trailers = exc.trailing_metadata() if isinstance(exc, OmegaError) else ()
+        await context.abort(code, message, trailing_metadata=trailers)
 
     def _wrap_unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
             started = self._begin(method)
+            await self._refuse_undecodable(context, method, started, request)
             try:
                 response = await behavior(request, context)
             except asyncio.CancelledError:
@@ -131,10 +204,44 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return wrapper
 
     def _wrap_stream(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+        if not inspect.isasyncgenfunction(behavior):
+            # A coroutine that writes with ``context.write`` (health's Watch) returns None:
+            # wrapped like a unary behavior (``async for`` over it would be a TypeError).
+            return self._wrap_unary(behavior, method)
+
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             started = self._begin(method)
+            await self._refuse_undecodable(context, method, started, request)
             try:
                 async for item in behavior(request, context):
+                    yield item
+            except asyncio.CancelledError:
+                self._finish(method, started, grpc.StatusCode.CANCELLED)
+                raise
+            except Exception as exc:
+                if isinstance(exc, grpc.aio.AbortError):
+                    raise
+                await self._fail(context, method, started, exc)
+                raise
+            self._finish(method, started, grpc.StatusCode.OK)
+
+        return wrapper
+
+    def _wrap_bidi(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+        """A stream-stream behavior (an async generator) whose requests are checked one by one."""
+
+        async def wrapper(
+            requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:
+            started = self._begin(method)
+
+            async def checked() -> AsyncIterator[Any]:
+                async for request in requests:
+                    await self._refuse_undecodable(context, method, started, request)
+                    yield request
+
+            try:
+                async for item in behavior(checked(), context):
                     yield item
             except asyncio.CancelledError:
                 self._finish(method, started, grpc.StatusCode.CANCELLED)

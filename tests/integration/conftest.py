@@ -44,7 +44,15 @@ async def start_shard(make_database: object) -> AsyncIterator[StartShard]:
     started: list[RunningServer] = []
 
     async def start(**overrides: Any) -> RunningServer:
-        values: dict[str, Any] = {"port": 0, "log_json": True, "export_settle_ms": 0}
+        # Plaintext and no credentials unless a test asks (test_security.py covers both).
+        values: dict[str, Any] = {
+            "port": 0,
+            "federation_port": 0,
+            "log_json": True,
+            "export_settle_ms": 0,
+            "plaintext": True,
+            "auth": False,
+        }
         values.update(overrides)
         running = await start_server(ConstellationSettings(**values))
         started.append(running)

@@ -20,7 +20,7 @@ EVENING = 1_795_300_000_000  # a Tuesday, 19:06 UTC
 async def test_brain_sync_lands_in_postgres_and_retries_are_idempotent(
     shard: RunningServer, database_url: str, tmp_path: Path
 ) -> None:
-    transport = GrpcTransport(f"127.0.0.1:{shard.port}")
+    transport = GrpcTransport(f"127.0.0.1:{shard.port}", plaintext=True)
     try:
         fetched = await asyncio.to_thread(fetch_catalog, transport)
         assert len(fetched.content_ids) == 50
@@ -69,7 +69,7 @@ async def test_brain_sync_reports_failure_when_the_shard_is_down(tmp_path: Path)
     from tests.integration.conftest import write_catalog
 
     ids, emb = write_catalog(tmp_path / "c.npz", n=10)
-    transport = GrpcTransport("127.0.0.1:1")  # nothing listens on port 1
+    transport = GrpcTransport("127.0.0.1:1", plaintext=True)  # nothing listens on port 1
     try:
         brain = Brain(
             "tv-offline",

@@ -59,12 +59,13 @@ async def test_federated_model_learns_planted_co_watching(
         catalog_path=tmp_path / "catalog.npz",
     )
     address = f"127.0.0.1:{server.port}"
-    transport = GrpcTransport(address)
+    transport = GrpcTransport(address, plaintext=True)
     rng = np.random.default_rng(5)
     state = await WorkerState.open(await make_database())  # type: ignore[operator]
-    channel = grpc.aio.insecure_channel(address)
+    internal = f"127.0.0.1:{server.federation_port}"
+    channel = grpc.aio.insecure_channel(internal)
     settings = FederationSettings(
-        shards={"shard-0": address},
+        shards={"shard-0": internal},
         min_sources=1,
         seed=1,
         patterns_enabled=False,  # only the model is released

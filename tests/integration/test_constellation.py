@@ -12,7 +12,7 @@ import pytest
 import zstandard
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from omega.v1 import patterns_pb2, sync_pb2, sync_pb2_grpc
+from omega.v1 import federation_pb2, federation_pb2_grpc, patterns_pb2, sync_pb2, sync_pb2_grpc
 from omega_constellation.server import RunningServer
 from omega_protocol import encode_embedding, encode_payload, shard_for
 
@@ -221,21 +221,32 @@ def row_encoding() -> int:
     return patterns_pb2.EMBEDDING_ENCODING_INT8
 
 
-async def test_health_and_reflection(shard: RunningServer) -> None:
+async def _services(port: int) -> set[str]:
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stream = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        )
+        return {s.name async for r in stream for s in r.list_services_response.service}
+
+
+async def test_health_and_reflection(shard: RunningServer) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{shard.port}") as channel:
         status = await health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service="omega.v1.ConstellationSync")
         )
         assert status.status == health_pb2.HealthCheckResponse.SERVING
-        stream = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
-            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
-        )
-        names = [s.name async for r in stream for s in r.list_services_response.service]
-    assert {"omega.v1.ConstellationSync", "omega.v1.Federation", "grpc.health.v1.Health"} <= set(
-        names
-    )
+        # The Federation API is not on the device port at all.
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await federation_pb2_grpc.FederationStub(channel).PublishRound(
+                federation_pb2.PublishRoundRequest(round=1)
+            )
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    device = await _services(shard.port)
+    assert {"omega.v1.ConstellationSync", "grpc.health.v1.Health"} <= device
+    assert "omega.v1.Federation" not in device
+    assert "omega.v1.Federation" in await _services(shard.federation_port)
 
 
 async def test_database_outage_is_unavailable_then_recovers(
@@ -315,7 +326,7 @@ async def test_rejections_are_logged_with_rpc_context(
 async def test_worker_and_metrics_requests_with_bad_numbers_are_rejected(
     shard: RunningServer, stub: sync_pb2_grpc.ConstellationSyncStub
 ) -> None:
-    from omega.v1 import events_pb2, federation_pb2, federation_pb2_grpc
+    from omega.v1 import events_pb2
 
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.ReportMetrics(
@@ -324,7 +335,7 @@ async def test_worker_and_metrics_requests_with_bad_numbers_are_rejected(
             )
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{shard.port}") as channel:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{shard.federation_port}") as channel:
         federation = federation_pb2_grpc.FederationStub(channel)
         for rate in (float("nan"), 1.5):
             call = federation.ExportPatterns(

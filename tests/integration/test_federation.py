@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -14,7 +15,7 @@ from omega_federation.state import WorkerState
 from omega_federation.worker import run_round
 from omega_protocol import decode_embedding, decode_payload, shard_for
 
-from .conftest import StartShard
+from .conftest import StartShard, write_catalog
 from .test_constellation import pattern, request
 
 pytestmark = pytest.mark.integration
@@ -29,15 +30,23 @@ def near(base: np.ndarray, seed: int) -> np.ndarray:
 
 
 async def test_round_publishes_global_patterns_a_new_device_receives(
-    start_shard: StartShard, make_database: Callable[[], Awaitable[str]]
+    start_shard: StartShard, make_database: Callable[[], Awaitable[str]], tmp_path: Path
 ) -> None:
     from omega_protocol import encode_embedding
 
+    write_catalog(tmp_path / "catalog.npz")  # shards count views of catalog items only
     servers = {
-        s: await start_shard(database_url=await make_database(), shard_id=s, shard_ids=SHARDS)
+        s: await start_shard(
+            database_url=await make_database(),
+            shard_id=s,
+            shard_ids=SHARDS,
+            catalog_path=tmp_path / "catalog.npz",
+        )
         for s in SHARDS
     }
-    channels = {s: grpc.aio.insecure_channel(f"127.0.0.1:{r.port}") for s, r in servers.items()}
+    channels = {
+        s: grpc.aio.insecure_channel(f"127.0.0.1:{r.federation_port}") for s, r in servers.items()
+    }
     stubs = {s: sync_pb2_grpc.ConstellationSyncStub(c) for s, c in channels.items()}
     base = np.random.default_rng(0).standard_normal(384).astype(np.float32)
     base /= np.linalg.norm(base)
@@ -50,7 +59,7 @@ async def test_round_publishes_global_patterns_a_new_device_receives(
         assert response.acknowledged_version == 1
 
     settings = FederationSettings(
-        shards={s: f"127.0.0.1:{r.port}" for s, r in servers.items()},
+        shards={s: f"127.0.0.1:{r.federation_port}" for s, r in servers.items()},
         min_sources=3,
         codebook_size=1,
         epsilon=float("inf"),
@@ -111,9 +120,11 @@ async def test_periodic_worker_runs_rounds_until_stopped(
     from omega_federation.worker import run_periodic
 
     running = await start_shard(database_url=await make_database())
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.federation_port}")
     settings = FederationSettings(
-        shards={"shard-0": f"127.0.0.1:{running.port}"}, interval_seconds=0.1, min_sources=3
+        shards={"shard-0": f"127.0.0.1:{running.federation_port}"},
+        interval_seconds=0.1,
+        min_sources=3,
     )
     dsn = await make_database()
     state = await WorkerState.open(dsn)
@@ -140,10 +151,10 @@ async def test_only_one_worker_runs_a_round(
     start_shard: StartShard, make_database: Callable[[], Awaitable[str]]
 ) -> None:
     running = await start_shard(database_url=await make_database())
-    settings = FederationSettings(shards={"shard-0": f"127.0.0.1:{running.port}"})
+    settings = FederationSettings(shards={"shard-0": f"127.0.0.1:{running.federation_port}"})
     dsn = await make_database()
     first, second = await WorkerState.open(dsn), await WorkerState.open(dsn)
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.federation_port}")
     try:
         assert await first.try_lock()  # another worker is mid-round
         report = await run_round(settings, second, {"shard-0": channel})

@@ -30,7 +30,7 @@ FACTORS = 4
 @pytest.fixture
 async def federation(shard: RunningServer) -> AsyncIterator[federation_pb2_grpc.FederationStub]:
     """A Federation client connected to ``shard``."""
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{shard.port}") as channel:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{shard.federation_port}") as channel:
         yield federation_pb2_grpc.FederationStub(channel)
 
 
@@ -449,7 +449,7 @@ async def test_replica_that_missed_the_publish_serves_the_new_model(
 ) -> None:
     other = await start_shard(database_url=database_url)
     async with (
-        grpc.aio.insecure_channel(f"127.0.0.1:{shard.port}") as to_first,
+        grpc.aio.insecure_channel(f"127.0.0.1:{shard.federation_port}") as to_first,
         grpc.aio.insecure_channel(f"127.0.0.1:{other.port}") as to_other,
     ):
         await federation_pb2_grpc.FederationStub(to_first).PublishRound(

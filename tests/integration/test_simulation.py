@@ -40,10 +40,12 @@ async def test_movielens_replay_through_two_shards_and_federation(
         for s in SHARDS
     }
     addresses = {s: f"127.0.0.1:{r.port}" for s, r in servers.items()}
-    channels = {s: grpc.aio.insecure_channel(a) for s, a in addresses.items()}
+    channels = {
+        s: grpc.aio.insecure_channel(f"127.0.0.1:{r.federation_port}") for s, r in servers.items()
+    }
     state = await WorkerState.open(await make_database())
     federation = FederationSettings(
-        shards=addresses,
+        shards={s: f"127.0.0.1:{r.federation_port}" for s, r in servers.items()},
         min_sources=3,
         codebook_size=4,
         epsilon=float("inf"),

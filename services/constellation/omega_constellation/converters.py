@@ -2,7 +2,9 @@
 
 Servicers call these and nothing else touches ``*_pb2`` types; the logic and the store work on
 the dataclasses defined here. Validation happens completely before any write, so a malformed
-delta is rejected with INVALID_ARGUMENT and nothing is half-written.
+delta is rejected with INVALID_ARGUMENT and nothing is half-written. Every field of every
+request is bounded here (with the primitives of `omega_constellation.bounds`): ids, uint64
+versions, timestamps, floats, embedding norms, counts and sizes.
 """
 
 from __future__ import annotations
@@ -10,59 +12,106 @@ from __future__ import annotations
 import math
 from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 import numpy as np
+import numpy.typing as npt
 
 from omega.v1 import federation_pb2, patterns_pb2, sync_pb2
 from omega_common.errors import InvalidArgumentError
+from omega_constellation.bounds import (
+    MAX_CONTENT_ID_CHARS,
+    MAX_PAGE_TOKEN_CHARS,
+    check_finite,
+    check_id,
+    check_int64,
+    check_text,
+    check_timestamp_ms,
+    check_unit_norm,
+)
 from omega_protocol import (
     EMBEDDING_DIM,
     EmbeddingError,
     PayloadError,
     decode_embedding,
     decode_payload,
+    dequantize_int8,
+    encode_embeddings,
     pattern_context,
     quantize_int8,
 )
 from omega_protocol.model_update import (
-    MAX_CONTENT_ID_CHARS,
     MAX_MODEL_FACTORS,
     ModelUpdateError,
     decode_item_factor_update,
 )
 
 __all__ = [
+    "CatalogQuery",
     "DeltaLimits",
+    "DeviceReport",
+    "ExportQuery",
     "GlobalPatternRow",
     "ItemFactorRecord",
+    "MetricLimits",
+    "ModelQuery",
     "ModelState",
     "ModelUpdateRecord",
     "PatternStatsUpdate",
+    "SearchQuery",
     "StoredPattern",
     "TrendingRow",
     "ValidatedDelta",
     "ValidatedRound",
+    "catalog_embeddings",
+    "catalog_query_from_request",
     "delta_from_request",
+    "device_report_from_request",
     "embedding_to_int8",
+    "export_query_from_request",
     "exported_model_update",
     "global_patterns_message",
     "int8_to_embedding",
     "item_factor_row",
+    "model_query_from_request",
     "publish_from_request",
+    "search_query_from_request",
 ]
 
-_MAX_ID_CHARS = 128
+_MAX_PAGE: Final[int] = 1000
+"""Most catalog items one FetchEmbeddings page carries, whatever the client asks."""
+_MAX_FILTER_IDS: Final[int] = 1000
+"""Most content ids a FetchEmbeddings or SearchContent request may list."""
+_MAX_FILTER_GENRES: Final[int] = 64
+"""Most genres a SearchContent request may list."""
+_MAX_GENRE_CHARS: Final[int] = 64
+"""Longest genre or content type, in characters."""
+_MAX_FACTOR_NORM: Final[float] = 1e3
+"""Largest L2 norm of a published model row. The rows of a model with orthonormal columns have
+norm <= 1; the bound only keeps the devices' float32 arithmetic far from overflow."""
+_MAX_SOURCE_COUNT: Final[int] = 2**31 - 1
+"""Largest source count of a global pattern (a Postgres ``integer``)."""
 _VALID_SLOTS = frozenset(patterns_pb2.TimeSlot.values()) - {patterns_pb2.TIME_SLOT_UNSPECIFIED}
 _VALID_DAYS = frozenset(patterns_pb2.DayType.values()) - {patterns_pb2.DAY_TYPE_UNSPECIFIED}
 
 
 @dataclass(frozen=True, slots=True)
 class DeltaLimits:
-    """Bounds a delta must respect."""
+    """Bounds a delta must respect (from `ConstellationSettings`).
+
+    Attributes:
+        max_raw_bytes: Decompressed size of the delta, in bytes.
+        max_patterns: Patterns added plus updated.
+        max_content_views: View-count entries.
+        max_views_per_content: Views of one content id (summed over its entries).
+        max_views_per_sync: Views of all content ids together.
+    """
 
     max_raw_bytes: int
     max_patterns: int
     max_content_views: int
+    max_views_per_content: int
+    max_views_per_sync: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,12 +239,6 @@ class TrendingRow:
     score: float
 
 
-def _check_id(value: str, what: str) -> str:
-    if not value or len(value) > _MAX_ID_CHARS:
-        raise InvalidArgumentError(f"{what} must have 1 to {_MAX_ID_CHARS} characters")
-    return value
-
-
 def _check_rate(value: float, what: str) -> float:
     if not math.isfinite(value) or not 0.0 <= value <= 1.0:
         raise InvalidArgumentError(f"{what} must be a finite number in [0, 1], got {value}")
@@ -203,19 +246,21 @@ def _check_rate(value: float, what: str) -> float:
 
 
 def embedding_to_int8(embedding: patterns_pb2.Embedding, what: str) -> tuple[bytes, float]:
-    """Validate a wire embedding and return it as (int8 codes, scale).
+    """Validate a wire embedding that should be a unit vector; return it as (int8 codes, scale).
 
     INT8 input is passed through unchanged (no re-quantization error); float input is quantized.
+    Whatever the encoding, the decoded vector must have an L2 norm in [0.5, 2]: a finite but
+    huge INT8 scale (or huge floats) would otherwise be stored and overflow float32 later.
 
     Raises:
-        InvalidArgumentError: wrong dimension, bad length or encoding, non-finite or zero vector.
+        InvalidArgumentError: wrong dimension, bad length or encoding, a negative or non-finite
+            scale, non-finite values, the zero vector or a norm outside [0.5, 2].
     """
     try:
         vector = decode_embedding(embedding, EMBEDDING_DIM)
     except EmbeddingError as exc:
         raise InvalidArgumentError(f"{what}: {exc}") from exc
-    if float(np.dot(vector, vector)) < 1e-12:
-        raise InvalidArgumentError(f"{what}: embedding is the zero vector")
+    check_unit_norm(vector, what)
     if embedding.encoding == patterns_pb2.EMBEDDING_ENCODING_INT8:
         return bytes(embedding.data), float(embedding.scale)
     codes, scale = quantize_int8(vector)
@@ -234,19 +279,20 @@ def int8_to_embedding(codes: bytes, scale: float) -> patterns_pb2.Embedding:
 
 def _pattern(p: patterns_pb2.ViewingPattern, i: int) -> StoredPattern:
     what = f"added[{i}]"
-    _check_id(p.pattern_id, f"{what}.pattern_id")
+    check_id(p.pattern_id, f"{what}.pattern_id")
     if not p.HasField("embedding"):
         raise InvalidArgumentError(f"{what}: embedding is missing")
     codes, scale = embedding_to_int8(p.embedding, what)
     ctx = p.context
     if ctx.time_slot not in _VALID_SLOTS or ctx.day_type not in _VALID_DAYS:
         raise InvalidArgumentError(f"{what}: context needs a time slot and a day type")
-    if len(ctx.genre_hints) > 16 or any(len(g) > 64 for g in ctx.genre_hints):
-        raise InvalidArgumentError(f"{what}: at most 16 genre hints of 64 characters")
-    if len(ctx.content_type) > 64:
-        raise InvalidArgumentError(f"{what}: content_type longer than 64 characters")
-    if p.created_at_ms < 0 or p.updated_at_ms < 0:
-        raise InvalidArgumentError(f"{what}: negative timestamp")
+    if len(ctx.genre_hints) > 16:
+        raise InvalidArgumentError(f"{what}: at most 16 genre hints")
+    for j, genre in enumerate(ctx.genre_hints):
+        check_text(genre, f"{what}.context.genre_hints[{j}]", _MAX_GENRE_CHARS)
+    check_text(ctx.content_type, f"{what}.context.content_type", _MAX_GENRE_CHARS)
+    check_timestamp_ms(p.created_at_ms, f"{what}.created_at_ms")
+    check_timestamp_ms(p.updated_at_ms, f"{what}.updated_at_ms")
     return StoredPattern(
         pattern_id=p.pattern_id,
         codes=codes,
@@ -264,13 +310,12 @@ def _pattern(p: patterns_pb2.ViewingPattern, i: int) -> StoredPattern:
 
 def _update(u: patterns_pb2.PatternUpdate, i: int) -> PatternStatsUpdate:
     what = f"updated[{i}]"
-    _check_id(u.pattern_id, f"{what}.pattern_id")
+    check_id(u.pattern_id, f"{what}.pattern_id")
     codes: bytes | None = None
     scale: float | None = None
     if u.HasField("embedding"):
         codes, scale = embedding_to_int8(u.embedding, what)
-    if u.updated_at_ms < 0:
-        raise InvalidArgumentError(f"{what}: negative timestamp")
+    check_timestamp_ms(u.updated_at_ms, f"{what}.updated_at_ms")
     return PatternStatsUpdate(
         pattern_id=u.pattern_id,
         success_rate=_check_rate(u.success_rate, f"{what}.success_rate"),
@@ -293,6 +338,7 @@ def _model_update(
     update: patterns_pb2.ItemFactorUpdate, catalog: Container[str], model: ModelState
 ) -> ModelUpdateRecord:
     """Validate a device's `ItemFactorUpdate` against the catalog and the current model."""
+    check_int64(update.model_version, "model_update.model_version")
     expected = model.factors if update.model_version == model.version and model.version else None
     try:
         decoded = decode_item_factor_update(update, expected_factors=expected)
@@ -319,22 +365,33 @@ def delta_from_request(
 ) -> ValidatedDelta:
     """Decode and validate a `SyncPatternsRequest` completely.
 
+    View counts of content ids that are not in ``catalog`` are dropped, not refused: the
+    catalog can change between a device's viewing and its sync (an item removed, a shard
+    serving another catalog), and refusing the whole delta would make the device retry it
+    forever. The ids are still validated and their views still count towards the limits.
+
     Args:
         request: The device's request.
-        limits: Size bounds.
-        catalog: The shard's catalog content ids; a model update may name only these.
+        limits: Size and count bounds.
+        catalog: The shard's catalog content ids; view counts and a model update may name
+            only these.
         model: The shard's current model; a model update's direction computed against this
             version must have its factor count.
 
     Raises:
-        InvalidArgumentError: a bad device id or version (0 is allowed only for an empty
-            delta: a pull that writes nothing), an undecodable or oversized payload
-            (zstd bomb), too many patterns, a wrong dimension, NaN values, rates outside
-            [0, 1], duplicate ids or inconsistent versions; a malformed model update (see
+        InvalidArgumentError: a bad device id (empty, too long, control characters) or
+            version (above 2^63 - 1; 0 is allowed only for an empty delta: a pull that writes
+            nothing), an undecodable or oversized payload (zstd bomb), too many patterns or
+            view entries, more views per content id or per sync than ``limits`` allow, a
+            wrong dimension, NaN values, an embedding that is not a unit vector (a huge INT8
+            scale), rates outside [0, 1], timestamps outside [0, 2100), duplicate ids or
+            inconsistent versions; a malformed model update (see
             `omega_protocol.model_update.decode_item_factor_update`), one naming content ids
             outside the catalog or with a direction of the wrong factor count.
     """
-    device_id = _check_id(request.device_id, "device_id")
+    device_id = check_id(request.device_id, "device_id")
+    check_int64(request.local_version, "local_version")
+    check_int64(request.since_global_version, "since_global_version")
     if not request.HasField("delta"):
         raise InvalidArgumentError("delta is missing")
     try:
@@ -343,6 +400,7 @@ def delta_from_request(
         )
     except PayloadError as exc:
         raise InvalidArgumentError(f"delta: {exc}") from exc
+    check_int64(delta.base_version, "delta.base_version")
     if delta.local_version != request.local_version:
         raise InvalidArgumentError(
             f"delta.local_version {delta.local_version} != request {request.local_version}"
@@ -365,12 +423,9 @@ def delta_from_request(
         raise InvalidArgumentError(f"more than {limits.max_content_views} content view entries")
     upserts = [_pattern(p, i) for i, p in enumerate(delta.added)]
     updates = [_update(u, i) for i, u in enumerate(delta.updated)]
-    removed = [_check_id(r, "removed pattern id") for r in delta.removed]
+    removed = [check_id(r, f"removed[{i}]") for i, r in enumerate(delta.removed)]
     _unique([*(p.pattern_id for p in upserts), *(u.pattern_id for u in updates), *removed], "delta")
-    views: dict[str, int] = {}
-    for v in delta.content_views:
-        _check_id(v.content_id, "content_views.content_id")
-        views[v.content_id] = views.get(v.content_id, 0) + v.views
+    views = _content_views(delta.content_views, limits, catalog)
     model_update = (
         _model_update(delta.model_update, catalog, model)
         if delta.HasField("model_update")
@@ -383,9 +438,36 @@ def delta_from_request(
         upserts=upserts,
         updates=updates,
         removed=removed,
-        content_views=sorted((c, n) for c, n in views.items() if n > 0),
+        content_views=views,
         model_update=model_update,
     )
+
+
+def _content_views(
+    entries: Sequence[patterns_pb2.ContentViewCount], limits: DeltaLimits, catalog: Container[str]
+) -> list[tuple[str, int]]:
+    """Views per catalog content id, sorted by id (unknown ids dropped, see the caller).
+
+    Raises:
+        InvalidArgumentError: a bad content id, more views of one id or in all than allowed.
+    """
+    views: dict[str, int] = {}
+    total = 0
+    for i, v in enumerate(entries):
+        check_id(v.content_id, f"content_views[{i}].content_id", MAX_CONTENT_ID_CHARS)
+        count = views.get(v.content_id, 0) + v.views
+        if count > limits.max_views_per_content:
+            raise InvalidArgumentError(
+                f"content_views[{i}].views: more than {limits.max_views_per_content} views of"
+                f" {v.content_id[:40]!r} in one sync"
+            )
+        views[v.content_id] = count
+        total += v.views
+        if total > limits.max_views_per_sync:
+            raise InvalidArgumentError(
+                f"content_views: more than {limits.max_views_per_sync} views in one sync"
+            )
+    return sorted((c, n) for c, n in views.items() if n > 0 and c in catalog)
 
 
 def global_patterns_message(
@@ -417,14 +499,12 @@ def _item_factors(request: federation_pb2.PublishRoundRequest) -> list[ItemFacto
     factors = request.factors
     if not 1 <= factors <= MAX_MODEL_FACTORS:
         raise InvalidArgumentError(f"factors must be in [1, {MAX_MODEL_FACTORS}], got {factors}")
+    _unique((r.content_id for r in request.item_factors), "item_factors")  # cheap checks first
     rows: list[ItemFactorRecord] = []
     for i, row in enumerate(request.item_factors):
         what = f"item_factors[{i}]"
-        cid = row.content_id
-        if not cid or len(cid) > MAX_CONTENT_ID_CHARS or "\x00" in cid:
-            raise InvalidArgumentError(
-                f"{what}.content_id must have 1 to {MAX_CONTENT_ID_CHARS} characters, no NUL"
-            )
+        cid = check_id(row.content_id, f"{what}.content_id", MAX_CONTENT_ID_CHARS)
+        check_int64(row.model_version, f"{what}.model_version")
         codes: bytes | None = None
         scale: float | None = None
         if row.HasField("factor"):
@@ -432,13 +512,17 @@ def _item_factors(request: federation_pb2.PublishRoundRequest) -> list[ItemFacto
                 vector = decode_embedding(row.factor, factors)
             except EmbeddingError as exc:
                 raise InvalidArgumentError(f"{what}.factor: {exc}") from exc
+            norm = float(np.linalg.norm(vector.astype(np.float64)))
+            if norm > _MAX_FACTOR_NORM:
+                raise InvalidArgumentError(
+                    f"{what}.factor: L2 norm {norm:.3g} is above {_MAX_FACTOR_NORM:g}"
+                )
             if row.factor.encoding == patterns_pb2.EMBEDDING_ENCODING_INT8:
                 codes, scale = bytes(row.factor.data), float(row.factor.scale)
             else:
                 q, s = quantize_int8(vector)
                 codes, scale = q.tobytes(), float(s)
         rows.append(ItemFactorRecord(cid, codes, scale, request.round))
-    _unique((r.content_id for r in rows), "item_factors")
     return rows
 
 
@@ -446,23 +530,40 @@ def publish_from_request(request: federation_pb2.PublishRoundRequest) -> Validat
     """Validate a `PublishRoundRequest` into rows to store.
 
     Raises:
-        InvalidArgumentError: round 0, bad embeddings, contexts, scores or duplicate keys; model
-            rows with a factor count outside [1, 256], factors of another dimension or with
-            non-finite values, empty, overlong or repeated content ids.
+        InvalidArgumentError: round 0 or above 2^63 - 1; epsilon or cumulative_epsilon NaN or
+            negative (infinity means no privacy guarantee and is allowed), delta outside
+            [0, 1], a negative or non-finite noise multiplier; bad ids (empty, too long,
+            control characters), embeddings that are not unit vectors, contexts, scores,
+            source counts above 2^31 - 1 or duplicate keys; model rows with a factor count
+            outside [1, 256], factors of another dimension, with non-finite values or an L2
+            norm above 1000, empty, overlong or repeated content ids.
     """
     if request.round == 0:
         raise InvalidArgumentError("round must be >= 1")
-    if not math.isfinite(request.noise_multiplier) or request.noise_multiplier < 0:
-        raise InvalidArgumentError("noise_multiplier must be a finite number >= 0")
+    check_int64(request.round, "round")
+    for name, value in (
+        ("epsilon", request.epsilon),
+        ("cumulative_epsilon", request.cumulative_epsilon),
+    ):
+        if math.isnan(value) or value < 0:
+            raise InvalidArgumentError(f"{name} must be >= 0 (infinity: no guarantee), not NaN")
+    check_finite(request.delta, "delta", 0.0, 1.0)
+    check_finite(request.noise_multiplier, "noise_multiplier", 0.0, math.inf)
+    # Repeated keys first: cheap, and a hostile round of 10,000 copies is refused before any
+    # embedding is decoded.
+    _unique((p.pattern_key for p in request.patterns), "patterns")
+    _unique((t.content_id for t in request.trending), "trending")
     rows: list[GlobalPatternRow] = []
     for i, p in enumerate(request.patterns):
         what = f"patterns[{i}]"
-        _check_id(p.pattern_key, f"{what}.pattern_key")
+        check_id(p.pattern_key, f"{what}.pattern_key")
+        check_int64(p.round, f"{what}.round")
         codes, scale = embedding_to_int8(p.embedding, what)
         if p.context.time_slot not in _VALID_SLOTS or p.context.day_type not in _VALID_DAYS:
             raise InvalidArgumentError(f"{what}: context needs a time slot and a day type")
-        if not math.isfinite(p.quality) or p.quality < 0:
-            raise InvalidArgumentError(f"{what}: quality must be finite and >= 0")
+        check_finite(p.quality, f"{what}.quality", 0.0, math.inf)
+        if p.source_count > _MAX_SOURCE_COUNT:
+            raise InvalidArgumentError(f"{what}.source_count must be at most {_MAX_SOURCE_COUNT}")
         rows.append(
             GlobalPatternRow(
                 pattern_key=p.pattern_key,
@@ -476,14 +577,12 @@ def publish_from_request(request: federation_pb2.PublishRoundRequest) -> Validat
                 day_type=p.context.day_type,
             )
         )
-    _unique((r.pattern_key for r in rows), "patterns")
     trending: list[TrendingRow] = []
-    for t in request.trending:
-        _check_id(t.content_id, "trending.content_id")
+    for i, t in enumerate(request.trending):
+        check_id(t.content_id, f"trending[{i}].content_id", MAX_CONTENT_ID_CHARS)
         if not math.isfinite(t.score):
-            raise InvalidArgumentError("trending score must be finite")
+            raise InvalidArgumentError(f"trending[{i}].score must be finite")
         trending.append(TrendingRow(content_id=t.content_id, score=t.score))
-    _unique((t.content_id for t in trending), "trending")
     item_factors = _item_factors(request) if request.item_factors else []
     return ValidatedRound(
         round=request.round,
@@ -506,4 +605,227 @@ def exported_model_update(device_key: str, payload: bytes) -> federation_pb2.Exp
     """A stored model update (serialized `ItemFactorUpdate`) as the worker sees it."""
     return federation_pb2.ExportedModelUpdate(
         device_key=device_key, update=patterns_pb2.ItemFactorUpdate.FromString(payload)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogQuery:
+    """A validated `FetchEmbeddingsRequest`.
+
+    Attributes:
+        since_version: Items changed after this catalog version (ignored with ``content_ids``).
+        content_ids: The items wanted (empty: by version).
+        encoding: The `EmbeddingEncoding` of the answer (INT8, FLOAT16 or FLOAT32).
+        offset: Position in the selection where the page starts (from the page token).
+        limit: Items per page, in [1, 1000].
+    """
+
+    since_version: int
+    content_ids: list[str]
+    encoding: int
+    offset: int
+    limit: int
+
+
+def catalog_query_from_request(request: sync_pb2.FetchEmbeddingsRequest) -> CatalogQuery:
+    """Validate a `FetchEmbeddingsRequest`.
+
+    Raises:
+        InvalidArgumentError: a version above 2^63 - 1, more than 1000 content ids or a bad
+            one, an unknown encoding, a page token this server did not issue.
+    """
+    since = check_int64(request.since_catalog_version, "since_catalog_version")
+    if len(request.content_ids) > _MAX_FILTER_IDS:
+        raise InvalidArgumentError(f"content_ids: more than {_MAX_FILTER_IDS} ids")
+    ids = [
+        check_id(c, f"content_ids[{i}]", MAX_CONTENT_ID_CHARS)
+        for i, c in enumerate(request.content_ids)
+    ]
+    offset = 0
+    if request.page_token:
+        token = check_id(request.page_token, "page_token", MAX_PAGE_TOKEN_CHARS)
+        if not token.isascii() or not token.isdigit() or len(token) > 18:
+            raise InvalidArgumentError("page_token is not one this server issued")
+        offset = int(token)
+    encoding = request.encoding or patterns_pb2.EMBEDDING_ENCODING_INT8
+    if encoding not in (
+        patterns_pb2.EMBEDDING_ENCODING_INT8,
+        patterns_pb2.EMBEDDING_ENCODING_FLOAT16,
+        patterns_pb2.EMBEDDING_ENCODING_FLOAT32,
+    ):
+        raise InvalidArgumentError(f"encoding: unknown embedding encoding {encoding}")
+    limit = min(request.page_size or 500, _MAX_PAGE)
+    return CatalogQuery(since, ids, encoding, offset, limit)
+
+
+def catalog_embeddings(
+    codes: Sequence[bytes], scales: Sequence[float], encoding: int
+) -> list[patterns_pb2.Embedding]:
+    """Catalog rows' stored int8 embeddings in the requested wire encoding.
+
+    Args:
+        codes: (n,) int8 codes of 384 bytes each.
+        scales: (n,) their scales.
+        encoding: An `EmbeddingEncoding`: INT8 is passed through, FLOAT16/FLOAT32 decoded.
+
+    Returns:
+        (n,) embeddings; empty for an empty page whatever the encoding.
+    """
+    if encoding == patterns_pb2.EMBEDDING_ENCODING_INT8:
+        return [int8_to_embedding(c, s) for c, s in zip(codes, scales, strict=True)]
+    if not codes:
+        return []
+    stacked = np.frombuffer(b"".join(codes), dtype=np.int8).reshape(len(codes), EMBEDDING_DIM)
+    return encode_embeddings(dequantize_int8(stacked, list(scales)), encoding)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelQuery:
+    """A validated `FetchModelRequest` (see `omega_constellation.model.ModelView.page`)."""
+
+    since: int
+    page_token: str
+    page_size: int
+
+
+def model_query_from_request(request: sync_pb2.FetchModelRequest) -> ModelQuery:
+    """Validate a `FetchModelRequest` (the token itself is decoded by the model view).
+
+    Raises:
+        InvalidArgumentError: a version above 2^63 - 1; a page token too long or with control
+            characters.
+    """
+    since = check_int64(request.since_model_version, "since_model_version")
+    if request.page_token:
+        check_id(request.page_token, "page_token", MAX_PAGE_TOKEN_CHARS)
+    return ModelQuery(since, request.page_token, request.page_size)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricLimits:
+    """Sane ranges of a device's `DeviceMetrics` (from `ConstellationSettings`).
+
+    Attributes:
+        max_count: Largest value of a counter (events, recommendations, syncs, patterns).
+        max_bytes: Largest store or memory size, in bytes.
+        max_latency_ms: Largest recommendation latency, in ms.
+    """
+
+    max_count: int
+    max_bytes: int
+    max_latency_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceReport:
+    """What the shard records of a `ReportMetricsRequest` (aggregate metrics only).
+
+    Attributes:
+        device_id: The reporting device (never a metric label).
+        recommend_p99_seconds: Its recommendation p99 latency in seconds (0: not measured).
+        syncs_failed: Its failed syncs counter.
+    """
+
+    device_id: str
+    recommend_p99_seconds: float
+    syncs_failed: int
+
+
+def device_report_from_request(
+    request: sync_pb2.ReportMetricsRequest, limits: MetricLimits
+) -> DeviceReport:
+    """Validate a `ReportMetricsRequest`: every counter, size and latency within ``limits``.
+
+    Raises:
+        InvalidArgumentError: a bad device id (empty, too long, control characters), a counter
+            above ``limits.max_count``, a size above ``limits.max_bytes``, a latency NaN,
+            negative or above ``limits.max_latency_ms``, a timestamp outside [0, 2100).
+    """
+    device_id = check_id(request.device_id, "device_id")
+    check_timestamp_ms(request.reported_at_ms, "reported_at_ms")
+    m = request.metrics
+    for name, value in (
+        ("events_observed", m.events_observed),
+        ("recommendations_served", m.recommendations_served),
+        ("syncs_ok", m.syncs_ok),
+        ("syncs_failed", m.syncs_failed),
+        ("pattern_count", m.pattern_count),
+    ):
+        if value > limits.max_count:
+            raise InvalidArgumentError(f"metrics.{name} must be at most {limits.max_count}")
+    for name, value in (("store_bytes", m.store_bytes), ("memory_bytes", m.memory_bytes)):
+        if value > limits.max_bytes:
+            raise InvalidArgumentError(f"metrics.{name} must be at most {limits.max_bytes}")
+    p99 = check_finite(m.recommend_p99_ms, "metrics.recommend_p99_ms", 0.0, limits.max_latency_ms)
+    return DeviceReport(device_id, p99 / 1000.0, m.syncs_failed)
+
+
+@dataclass(frozen=True, slots=True)
+class SearchQuery:
+    """A validated `SearchContentRequest`.
+
+    Attributes:
+        vector: (384,) float32, the query (a unit vector up to int8 rounding).
+        k: Results wanted (the catalog checks [1, 1000]).
+        genres: Only items with one of these genres (empty: any).
+        exclude: Content ids never returned.
+    """
+
+    vector: npt.NDArray[np.float32]
+    k: int
+    genres: list[str]
+    exclude: list[str]
+
+
+def search_query_from_request(request: sync_pb2.SearchContentRequest) -> SearchQuery:
+    """Validate a `SearchContentRequest`.
+
+    Raises:
+        InvalidArgumentError: no query, a query that is not a unit 384-d vector (see
+            `embedding_to_int8`), more than 64 genres or 1000 excluded ids, bad genres or ids.
+    """
+    if not request.HasField("query"):
+        raise InvalidArgumentError("query embedding is required")
+    embedding_to_int8(request.query, "query")  # dimension, values, norm
+    if len(request.genres) > _MAX_FILTER_GENRES:
+        raise InvalidArgumentError(f"genres: more than {_MAX_FILTER_GENRES}")
+    if len(request.exclude_content_ids) > _MAX_FILTER_IDS:
+        raise InvalidArgumentError(f"exclude_content_ids: more than {_MAX_FILTER_IDS} ids")
+    genres = [check_text(g, f"genres[{i}]", _MAX_GENRE_CHARS) for i, g in enumerate(request.genres)]
+    exclude = [
+        check_id(c, f"exclude_content_ids[{i}]", MAX_CONTENT_ID_CHARS)
+        for i, c in enumerate(request.exclude_content_ids)
+    ]
+    return SearchQuery(decode_embedding(request.query), request.k or 10, genres, exclude)
+
+
+@dataclass(frozen=True, slots=True)
+class ExportQuery:
+    """A validated `ExportPatternsRequest`.
+
+    Attributes:
+        since_ms: Patterns stored after this time (ms since the epoch; 0: all).
+        min_success_rate: Patterns below this rate are not exported.
+        batch_size: Rows per streamed batch (0 in the request: 1000; the service caps it).
+        views_since_round: View counts of rounds >= this one ride on the last batch.
+    """
+
+    since_ms: int
+    min_success_rate: float
+    batch_size: int
+    views_since_round: int
+
+
+def export_query_from_request(request: federation_pb2.ExportPatternsRequest) -> ExportQuery:
+    """Validate an `ExportPatternsRequest`.
+
+    Raises:
+        InvalidArgumentError: a watermark outside [0, 2100), a rate NaN or outside [0, 1], a
+            round above 2^63 - 1.
+    """
+    return ExportQuery(
+        since_ms=check_timestamp_ms(request.since_updated_at_ms, "since_updated_at_ms"),
+        min_success_rate=check_finite(request.min_success_rate, "min_success_rate", 0.0, 1.0),
+        batch_size=request.batch_size or 1000,
+        views_since_round=check_int64(request.views_since_round, "views_since_round"),
     )

@@ -5,13 +5,18 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 from omega_common.grpc_server import RpcMetrics
+from omega_common.load_control import LoadMetrics
 
 __all__ = [
+    "DATABASE_UP",
     "DEVICE_RECOMMEND_P99",
     "DEVICE_SYNCS_FAILED",
+    "GLOBAL_PATTERNS_HELD",
     "GLOBAL_VERSION",
+    "LOAD",
     "MODEL_UPDATES_STORED",
     "MODEL_VERSION",
+    "NEXT_SYNC_AFTER",
     "PATTERNS_STORED",
     "RPC",
     "SYNC_DUPLICATES",
@@ -59,4 +64,18 @@ MODEL_UPDATES_STORED = Counter(
 )
 MODEL_VERSION = Gauge(
     "omega_constellation_model_version", "Version of the cached item-factor model (0: none)."
+)
+GLOBAL_PATTERNS_HELD = Gauge(
+    "omega_constellation_global_patterns_held",
+    "Global patterns held in memory for sync answers (bounded by max_global_patterns_held).",
+)
+DATABASE_UP = Gauge(
+    "omega_constellation_database_up",
+    "1 when the last readiness probe of the shard's Postgres answered, 0 when it did not.",
+)
+LOAD = LoadMetrics("constellation")
+NEXT_SYNC_AFTER = Histogram(
+    "omega_constellation_next_sync_after_seconds",
+    "Pause before its next sync that sync answers ask of devices, in seconds.",
+    buckets=(30, 60, 120, 240, 300, 360, 480, 600, 900, 1200, 1800, 3600, 7200),
 )

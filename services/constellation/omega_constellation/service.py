@@ -30,7 +30,12 @@ __all__ = ["ConstellationService", "GlobalView", "SyncDecision"]
 
 @dataclass(frozen=True, slots=True)
 class GlobalView:
-    """An immutable snapshot of the shard's global patterns and trends."""
+    """An immutable snapshot of the shard's global patterns and trends.
+
+    Bounded: ``patterns`` holds at most ``max_global_patterns_held`` rows, only those some sync
+    answer sends (see `omega_constellation.global_selection`), best quality first;
+    ``trending`` holds the ``trending_per_sync`` best items.
+    """
 
     version: int
     patterns: list[GlobalPatternRow]
@@ -84,14 +89,25 @@ class ConstellationService:
     async def refresh_global(
         self, version: int | None = None, *, force: bool = False
     ) -> GlobalView:
-        """Reload the global view when the database has a newer round than the cache."""
+        """Reload the global view when the database has a newer round than the cache.
+
+        Loading is bounded: only the patterns some sync answer sends, at most
+        ``max_global_patterns_held`` of them, and the ``trending_per_sync`` best trends are
+        read (see `ShardStore.load_global`).
+        """
         if not force and version is not None and version <= self._view.version:
             return self._view
         async with self._view_lock:
             if force or version is None or version > self._view.version:
-                v, patterns, trending = await self.store.load_global()
+                settings = self.settings
+                v, patterns, trending = await self.store.load_global(
+                    per_sync=settings.max_global_patterns_per_sync,
+                    max_patterns=settings.max_global_patterns_held,
+                    max_trending=settings.trending_per_sync,
+                )
                 self._view = GlobalView(v, patterns, trending)
                 metrics.GLOBAL_VERSION.set(v)
+                metrics.GLOBAL_PATTERNS_HELD.set(len(patterns))
         return self._view
 
     @property
@@ -120,6 +136,17 @@ class ConstellationService:
         view = await self.refresh_model(state.version)
         return view.page(since=since, page_token=page_token, page_size=page_size)
 
+    async def forget(self, device_id: str) -> int | None:
+        """Delete what this shard keeps about ``device_id`` (see `ShardStore.forget_device`).
+
+        Raises:
+            FailedPreconditionError: the device belongs to another shard (nothing deleted).
+        """
+        owner = shard_for(device_id, self.settings.shard_ids)
+        if owner != self.settings.shard_id:
+            raise FailedPreconditionError(f"device belongs to shard {owner}")
+        return await self.store.forget_device(device_id)
+
     async def sync(self, delta: ValidatedDelta) -> SyncDecision:
         """Apply a device's delta here, or name the shard it belongs to."""
         owner = shard_for(delta.device_id, self.settings.shard_ids)
@@ -131,6 +158,7 @@ class ConstellationService:
             shard_id=self.settings.shard_id,
             min_success_rate=self.settings.min_success_rate,
             now_ms=int(time.time() * 1000),
+            max_version_step=self.settings.max_version_step,
         )
         if outcome.duplicate:
             metrics.SYNC_DUPLICATES.inc()

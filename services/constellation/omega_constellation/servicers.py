@@ -2,52 +2,60 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import AsyncIterator
 
 import grpc
-import numpy as np
 
 from omega.v1 import federation_pb2, federation_pb2_grpc, patterns_pb2, sync_pb2, sync_pb2_grpc
-from omega_common.errors import InvalidArgumentError
 from omega_constellation import metrics
+from omega_constellation.bounds import check_id
 from omega_constellation.converters import (
     DeltaLimits,
+    MetricLimits,
+    catalog_embeddings,
+    catalog_query_from_request,
     delta_from_request,
-    embedding_to_int8,
+    device_report_from_request,
+    export_query_from_request,
     exported_model_update,
     global_patterns_message,
     int8_to_embedding,
     item_factor_row,
+    model_query_from_request,
     publish_from_request,
+    search_query_from_request,
 )
 from omega_constellation.model import ModelPage
+from omega_constellation.pacing import SyncPacer
 from omega_constellation.service import ConstellationService, GlobalView
 from omega_constellation.store import ExportRow
-from omega_protocol import (
-    decode_embedding,
-    dequantize_int8,
-    encode_embeddings,
-    encode_payload,
-    pattern_context,
-)
+from omega_protocol import encode_payload, pattern_context
 
 __all__ = ["ConstellationSyncServicer", "FederationServicer"]
 
-_MAX_PAGE = 1000
 _MODEL_PAGES_CACHED = 64
 
 
 class ConstellationSyncServicer(sync_pb2_grpc.ConstellationSyncServicer):
     """`omega.v1.ConstellationSync`: the device-facing API."""
 
-    def __init__(self, service: ConstellationService) -> None:
+    def __init__(self, service: ConstellationService, pacer: SyncPacer | None = None) -> None:
+        """Args: service: the shard's logic; pacer: sets ``next_sync_after_ms`` of sync
+        answers (default: the settings' pace without load information)."""
         self._service = service
         settings = service.settings
+        self._pacer = pacer or SyncPacer(settings)
         self._limits = DeltaLimits(
             max_raw_bytes=settings.max_delta_bytes,
             max_patterns=settings.max_patterns_per_delta,
             max_content_views=settings.max_content_views_per_delta,
+            max_views_per_content=settings.max_views_per_content,
+            max_views_per_sync=settings.max_views_per_sync,
+        )
+        self._metric_limits = MetricLimits(
+            max_count=settings.max_device_count,
+            max_bytes=settings.max_device_bytes,
+            max_latency_ms=settings.max_device_latency_ms,
         )
         self._payloads: dict[tuple[int, int], sync_pb2.CompressedPayload] = {}
         self._model_pages: dict[tuple[int, int, str, int], sync_pb2.FetchModelResponse] = {}
@@ -85,8 +93,12 @@ class ConstellationSyncServicer(sync_pb2_grpc.ConstellationSyncServicer):
             model=self._service.model.state,
         )
         decision = await self._service.sync(delta)
+        pause_ms = self._pacer.next_sync_after_ms(delta.device_id)
+        metrics.NEXT_SYNC_AFTER.observe(pause_ms / 1000.0)
         if decision.redirect_shard_id is not None:
-            return sync_pb2.SyncPatternsResponse(redirect_shard_id=decision.redirect_shard_id)
+            return sync_pb2.SyncPatternsResponse(
+                redirect_shard_id=decision.redirect_shard_id, next_sync_after_ms=pause_ms
+            )
         assert decision.outcome is not None and decision.view is not None
         outcome = decision.outcome
         response = sync_pb2.SyncPatternsResponse(
@@ -95,6 +107,7 @@ class ConstellationSyncServicer(sync_pb2_grpc.ConstellationSyncServicer):
             duplicate=outcome.duplicate,
             patterns_stored=outcome.patterns_stored,
             model_version=decision.model_version,
+            next_sync_after_ms=pause_ms,
         )
         payload = self._global_payload(decision.view, delta.since_global_version)
         if payload is not None:
@@ -107,32 +120,16 @@ class ConstellationSyncServicer(sync_pb2_grpc.ConstellationSyncServicer):
     ) -> sync_pb2.FetchEmbeddingsResponse:
         """A page of catalog items (changed since a version, or by ids)."""
         catalog = self._service.catalog
-        try:
-            offset = int(request.page_token) if request.page_token else 0
-        except ValueError as exc:
-            raise InvalidArgumentError("page_token is not one this server issued") from exc
-        if offset < 0:
-            raise InvalidArgumentError("page_token is not one this server issued")
-        encoding = request.encoding or patterns_pb2.EMBEDDING_ENCODING_INT8
-        if encoding not in (
-            patterns_pb2.EMBEDDING_ENCODING_INT8,
-            patterns_pb2.EMBEDDING_ENCODING_FLOAT16,
-            patterns_pb2.EMBEDDING_ENCODING_FLOAT32,
-        ):
-            raise InvalidArgumentError(f"unknown embedding encoding {encoding}")
-        limit = min(request.page_size or 500, _MAX_PAGE)
+        query = catalog_query_from_request(request)
         rows, nxt = catalog.page(
-            since_version=request.since_catalog_version,
-            content_ids=list(request.content_ids),
-            offset=offset,
-            limit=limit,
+            since_version=query.since_version,
+            content_ids=query.content_ids,
+            offset=query.offset,
+            limit=query.limit,
         )
-        if encoding == patterns_pb2.EMBEDDING_ENCODING_INT8:
-            embeddings = [int8_to_embedding(r.codes, r.scale) for r in rows]
-        else:
-            codes = np.frombuffer(b"".join(r.codes for r in rows), dtype=np.int8)
-            vectors = dequantize_int8(codes.reshape(len(rows), -1), [r.scale for r in rows])
-            embeddings = encode_embeddings(vectors, encoding) if rows else []
+        embeddings = catalog_embeddings(
+            [r.codes for r in rows], [r.scale for r in rows], query.encoding
+        )
         return sync_pb2.FetchEmbeddingsResponse(
             items=[
                 sync_pb2.ContentItem(
@@ -165,10 +162,9 @@ class ConstellationSyncServicer(sync_pb2_grpc.ConstellationSyncServicer):
         size): after a publish most devices ask for the same pages. A fetch that straddles a
         publication fails with ABORTED (see `omega_constellation.model`).
         """
+        query = model_query_from_request(request)
         page = await self._service.fetch_model(
-            since=request.since_model_version,
-            page_token=request.page_token,
-            page_size=request.page_size,
+            since=query.since, page_token=query.page_token, page_size=query.page_size
         )
         key = (page.version, request.since_model_version, request.page_token, request.page_size)
         response = self._model_pages.get(key)
@@ -184,31 +180,31 @@ class ConstellationSyncServicer(sync_pb2_grpc.ConstellationSyncServicer):
     async def ReportMetrics(
         self, request: sync_pb2.ReportMetricsRequest, context: grpc.aio.ServicerContext
     ) -> sync_pb2.ReportMetricsResponse:
-        """Record a device's health counters as aggregate Prometheus metrics."""
-        if not request.device_id:
-            raise InvalidArgumentError("device_id is required")
-        m = request.metrics
-        if not math.isfinite(m.recommend_p99_ms) or m.recommend_p99_ms < 0:
-            raise InvalidArgumentError("recommend_p99_ms must be a finite number >= 0")
-        if m.recommend_p99_ms > 0:
-            metrics.DEVICE_RECOMMEND_P99.observe(m.recommend_p99_ms / 1000.0)
-        if m.syncs_failed:
-            metrics.DEVICE_SYNCS_FAILED.inc(m.syncs_failed)
+        """Record a device's health counters (each within the settings' sane ranges) as
+        aggregate Prometheus metrics."""
+        report = device_report_from_request(request, self._metric_limits)
+        if report.recommend_p99_seconds > 0:
+            metrics.DEVICE_RECOMMEND_P99.observe(report.recommend_p99_seconds)
+        if report.syncs_failed:
+            metrics.DEVICE_SYNCS_FAILED.inc(report.syncs_failed)
         return sync_pb2.ReportMetricsResponse()
+
+    async def ForgetDevice(
+        self, request: sync_pb2.ForgetDeviceRequest, context: grpc.aio.ServicerContext
+    ) -> sync_pb2.ForgetDeviceResponse:
+        """Delete the calling device's row, patterns and model update (one transaction)."""
+        deleted = await self._service.forget(check_id(request.device_id, "device_id"))
+        return sync_pb2.ForgetDeviceResponse(
+            forgotten=deleted is not None, patterns_deleted=deleted or 0
+        )
 
     async def SearchContent(
         self, request: sync_pb2.SearchContentRequest, context: grpc.aio.ServicerContext
     ) -> sync_pb2.SearchContentResponse:
         """Nearest catalog items to a query embedding, with genre and id filters."""
-        if not request.HasField("query"):
-            raise InvalidArgumentError("query embedding is required")
-        embedding_to_int8(request.query, "query")  # validates dimension and values
-        query = decode_embedding(request.query)
+        query = search_query_from_request(request)
         hits = self._service.catalog.search(
-            query,
-            request.k or 10,
-            genres=list(request.genres),
-            exclude=list(request.exclude_content_ids),
+            query.vector, query.k, genres=query.genres, exclude=query.exclude
         )
         return sync_pb2.SearchContentResponse(
             results=[
@@ -248,18 +244,15 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
         Pattern batches come first, then batches of model updates (device keys, never device
         ids); view counts ride on the last message of the stream.
         """
-        if request.since_updated_at_ms < 0:
-            raise InvalidArgumentError("since_updated_at_ms must be >= 0")
-        if not math.isfinite(request.min_success_rate) or not 0 <= request.min_success_rate <= 1:
-            raise InvalidArgumentError("min_success_rate must be a finite number in [0, 1]")
+        query = export_query_from_request(request)
         shard_id = self._service.settings.shard_id
         version = await self._service.store.global_version()
-        watermark = request.since_updated_at_ms
+        watermark = query.since_ms
         pending: federation_pb2.PatternBatch | None = None
         async for batch in self._service.export(
-            since_ms=request.since_updated_at_ms,
-            min_success_rate=request.min_success_rate,
-            batch_size=request.batch_size or 1000,
+            since_ms=query.since_ms,
+            min_success_rate=query.min_success_rate,
+            batch_size=query.batch_size,
         ):
             if pending is not None:
                 yield pending
@@ -270,9 +263,7 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
                 shard_id=shard_id,
                 global_version=version,
             )
-        async for updates in self._service.export_model_updates(
-            batch_size=request.batch_size or 1000
-        ):
+        async for updates in self._service.export_model_updates(batch_size=query.batch_size):
             if pending is not None:
                 yield pending
             pending = federation_pb2.PatternBatch(
@@ -284,7 +275,7 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
         last = pending or federation_pb2.PatternBatch(
             watermark_ms=watermark, shard_id=shard_id, global_version=version
         )
-        views = await self._service.store.content_views_since(request.views_since_round)
+        views = await self._service.store.content_views_since(query.views_since_round)
         last.content_views.extend(
             patterns_pb2.ContentViewCount(content_id=c, views=min(n, 2**32 - 1)) for c, n in views
         )

@@ -24,6 +24,7 @@ from omega_constellation.converters import (
     ValidatedDelta,
     ValidatedRound,
 )
+from omega_constellation.global_selection import SyncAnswerFilter
 
 __all__ = [
     "CatalogRow",
@@ -113,37 +114,68 @@ class ShardStore:
         """Close the pool (waits for connections in use)."""
         await self._pool.close()
 
-    async def ping(self) -> None:
-        """Raise when the database does not answer."""
-        async with self._pool.acquire(timeout=self._timeout) as conn:
-            await conn.fetchval("SELECT 1")
+    async def ping(self, timeout_seconds: float | None = None) -> None:
+        """``SELECT 1`` through the pool (the readiness probe).
+
+        Args:
+            timeout_seconds: bound on acquiring a connection and on the query each; default:
+                the store's operation timeout.
+
+        Raises:
+            OSError, asyncpg errors, TimeoutError: the database did not answer in time.
+        """
+        timeout = self._timeout if timeout_seconds is None else timeout_seconds
+        async with self._pool.acquire(timeout=timeout) as conn:
+            await conn.fetchval("SELECT 1", timeout=timeout)
 
     # ---- device sync -------------------------------------------------------------------------
 
     async def apply_delta(
-        self, delta: ValidatedDelta, *, shard_id: str, min_success_rate: float, now_ms: int
+        self,
+        delta: ValidatedDelta,
+        *,
+        shard_id: str,
+        min_success_rate: float,
+        now_ms: int,
+        max_version_step: int | None = None,
     ) -> SyncOutcome:
         """Apply a validated delta exactly once per (device id, local version).
 
         Local version 0 (an empty delta, checked by the converter) is a pull: nothing is
-        written and the answer acknowledges version 0.
+        written and the answer acknowledges the device's last applied version (0 if none).
 
         Patterns below ``min_success_rate`` are not stored (an existing row is deleted).
         View counts are tagged with the shard's current global version. A model update
         replaces the device's previous one.
 
+        Args:
+            delta: The validated delta.
+            shard_id: This shard, recorded with a new device.
+            min_success_rate: Quality threshold of stored patterns.
+            now_ms: The time recorded as ``stored_at_ms``, in ms since the epoch.
+            max_version_step: Most ``delta.local_version`` may exceed the device's last
+                applied version (0 for a new device); None: no bound. Compared under the
+                device row's lock, so concurrent syncs cannot slip past it.
+
         Raises:
-            InvalidArgumentError: the model update's direction was computed against the
-                current model version but has another factor count (nothing is written).
+            InvalidArgumentError: the local version jumps by more than ``max_version_step``,
+                or the model update's direction was computed against the current model
+                version but has another factor count. Nothing is written in either case.
         """
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
             global_version = await self._global_version(conn)
             model = await self._model_state(conn)
-            if delta.local_version == 0:  # a pull (empty delta): nothing to write
-                count = await conn.fetchval(
-                    "SELECT pattern_count FROM devices WHERE device_id = $1", delta.device_id
+            if delta.local_version == 0:
+                # A pull (empty delta): nothing is written. The answer's acknowledged version
+                # is the device's last applied one, so a device whose store is new (factory
+                # reset) learns where to continue.
+                known = await conn.fetchrow(
+                    "SELECT last_local_version, pattern_count FROM devices WHERE device_id = $1",
+                    delta.device_id,
                 )
-                return SyncOutcome(0, False, int(count or 0), global_version, model.version)
+                last = int(known["last_local_version"]) if known else 0
+                count = int(known["pattern_count"]) if known else 0
+                return SyncOutcome(last, False, count, global_version, model.version)
             await conn.execute(
                 "INSERT INTO devices (device_id, device_key, shard_id) VALUES ($1, $2, $3)"
                 " ON CONFLICT (device_id) DO NOTHING",
@@ -160,6 +192,12 @@ class ShardStore:
             if delta.local_version <= last:
                 return SyncOutcome(
                     last, True, device["pattern_count"], global_version, model.version
+                )
+            if max_version_step is not None and delta.local_version - last > max_version_step:
+                # Raising rolls the transaction back: not even the device row is kept.
+                raise InvalidArgumentError(
+                    f"local_version {delta.local_version} is more than {max_version_step} ahead"
+                    f" of the last applied version {last}"
                 )
             update = delta.model_update
             if update is not None:
@@ -280,25 +318,92 @@ class ShardStore:
         value = await conn.fetchval("SELECT value FROM shard_state WHERE key = $1", _GLOBAL_VERSION)
         return int(value) if value is not None else 0
 
+    async def forget_device(self, device_id: str) -> int | None:
+        """Delete the device's row, patterns and model update in one transaction.
+
+        Returns:
+            The number of patterns deleted, or None when the shard held nothing for it.
+        """
+        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "SELECT device_id FROM devices WHERE device_id = $1 FOR UPDATE", device_id
+            )
+            if row is None:
+                return None
+            patterns = await conn.fetchval(
+                "SELECT count(*) FROM device_patterns WHERE device_id = $1", device_id
+            )
+            # device_patterns and model_updates reference devices ON DELETE CASCADE.
+            await conn.execute("DELETE FROM devices WHERE device_id = $1", device_id)
+        return int(patterns)
+
     async def global_version(self) -> int:
         """The last published federation round (0 before the first)."""
         async with self._pool.acquire(timeout=self._timeout) as conn:
             return await self._global_version(conn)
 
-    async def load_global(self) -> tuple[int, list[GlobalPatternRow], list[TrendingRow]]:
-        """(version, global patterns best quality first, trending best score first)."""
+    async def load_global(
+        self,
+        *,
+        per_sync: int | None = None,
+        max_patterns: int | None = None,
+        max_trending: int | None = None,
+    ) -> tuple[int, list[GlobalPatternRow], list[TrendingRow]]:
+        """(version, global patterns best quality first, trending best score first).
+
+        Without bounds every row is loaded. With ``per_sync``, only the patterns some sync
+        answer sends (see `omega_constellation.global_selection`), at most ``max_patterns``:
+        keys and rounds are streamed best first from a server-side cursor and the scan stops
+        as soon as no further pattern can be kept, then only the kept rows are fetched with
+        their embeddings (``LIMIT``), so memory stays O(max_patterns). One snapshot.
+
+        Args:
+            per_sync: patterns one sync answer sends at most (``max_global_patterns_per_sync``).
+            max_patterns: patterns kept at most, best quality first.
+            max_trending: trending items kept at most, best score first (``LIMIT``).
+        """
         async with (
             self._pool.acquire(timeout=self._timeout) as conn,
             conn.transaction(isolation="repeatable_read", readonly=True),
         ):
             version = await self._global_version(conn)
-            patterns = await conn.fetch(
-                "SELECT pattern_key, round, embedding, embedding_scale, quality, success_rate,"
-                " source_count, time_slot, day_type FROM global_patterns"
-                " ORDER BY quality DESC, pattern_key"
-            )
+            if per_sync is None and max_patterns is None:
+                patterns = await conn.fetch(
+                    "SELECT pattern_key, round, embedding, embedding_scale, quality,"
+                    " success_rate, source_count, time_slot, day_type FROM global_patterns"
+                    " ORDER BY quality DESC, pattern_key"
+                )
+            else:
+                rounds = [
+                    r["round"]
+                    for r in await conn.fetch("SELECT DISTINCT round FROM global_patterns")
+                ]
+                selector = SyncAnswerFilter(
+                    rounds, per_sync if per_sync is not None else 2**62, max_patterns
+                )
+                keys: list[str] = []
+                if not selector.done:
+                    async for r in conn.cursor(
+                        "SELECT pattern_key, round FROM global_patterns"
+                        " ORDER BY quality DESC, pattern_key",
+                        prefetch=1000,
+                    ):
+                        if selector.offer(r["round"]):
+                            keys.append(r["pattern_key"])
+                        if selector.done:
+                            break
+                patterns = await conn.fetch(
+                    "SELECT pattern_key, round, embedding, embedding_scale, quality,"
+                    " success_rate, source_count, time_slot, day_type FROM global_patterns"
+                    " WHERE pattern_key = ANY($1::text[]) ORDER BY quality DESC, pattern_key"
+                    " LIMIT $2::bigint",
+                    keys,
+                    len(keys),
+                )
             trending = await conn.fetch(
                 "SELECT content_id, score FROM trending ORDER BY score DESC, content_id"
+                " LIMIT $1::bigint",
+                max_trending,
             )
         return (
             version,

@@ -12,10 +12,41 @@ import grpc
 from prometheus_client import start_http_server
 
 from omega_common.db import create_database, embedded_postgres_dsn, with_database
+from omega_common.grpc_auth import bearer_interceptors
 from omega_common.logging import configure_logging
+from omega_common.tls import channel_credentials
 from omega_federation.settings import FederationSettings
 from omega_federation.state import WorkerState
 from omega_federation.worker import run_periodic, run_round
+
+_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+]
+
+
+def shard_channels(settings: FederationSettings) -> dict[str, grpc.aio.Channel]:
+    """One channel per shard's internal listener: mutual TLS (the worker's client
+    certificate) and the service token on every call, unless ``plaintext``.
+
+    Raises:
+        ValueError: TLS files missing without ``plaintext``.
+    """
+    settings.require_tls_files("tls_ca_file", "tls_cert_file", "tls_key_file")
+    token = settings.token()
+    interceptors = bearer_interceptors(token) if token else None
+    if settings.plaintext:
+        return {
+            s: grpc.aio.insecure_channel(a, options=_OPTIONS, interceptors=interceptors)
+            for s, a in settings.shards.items()
+        }
+    credentials = channel_credentials(
+        settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file
+    )
+    return {
+        s: grpc.aio.secure_channel(a, credentials, options=_OPTIONS, interceptors=interceptors)
+        for s, a in settings.shards.items()
+    }
 
 
 async def _database_url(settings: FederationSettings) -> str:
@@ -31,10 +62,7 @@ async def _main(mode: str, settings: FederationSettings) -> int:
     if settings.metrics_port and mode == "periodic":
         start_http_server(settings.metrics_port)
     state = await WorkerState.open(await _database_url(settings))
-    options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
-    channels = {
-        s: grpc.aio.insecure_channel(a, options=options) for s, a in settings.shards.items()
-    }
+    channels = shard_channels(settings)
     try:
         if mode == "run-once":
             report = await run_round(settings, state, channels)

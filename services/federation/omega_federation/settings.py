@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from omega_common.settings import ServiceSettings
@@ -18,8 +19,9 @@ class FederationSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="OMEGA_FEDERATION_", extra="ignore", frozen=True)
 
     shards: dict[str, str] = Field(
-        default_factory=lambda: {"shard-0": "127.0.0.1:50051"},
-        description='Shard id -> gRPC address, as JSON: {"shard-0": "host:port", ...}.',
+        default_factory=lambda: {"shard-0": "127.0.0.1:50061"},
+        description="Shard id -> address of its internal (federation) listener, as JSON: "
+        '{"shard-0": "host:port", ...}.',
     )
     interval_seconds: float = Field(
         300.0, gt=0, description="Time between round starts (periodic)."
@@ -58,6 +60,22 @@ class FederationSettings(ServiceSettings):
     rpc_timeout_seconds: float = Field(120.0, gt=0, description="Deadline of one shard RPC.")
     rpc_attempts: int = Field(3, ge=1, description="Attempts per shard RPC on UNAVAILABLE.")
     seed: int | None = Field(None, description="RNG seed for reproducible rounds (tests).")
+    service_token: SecretStr | None = Field(
+        None,
+        description="The worker's credential for the shards' internal listener "
+        "(`omega-constellation issue-token --service federation-worker`).",
+    )
+    service_token_file: Path | None = Field(
+        None, description="A file holding service_token (e.g. a mounted Secret)."
+    )
+
+    def token(self) -> str | None:
+        """The service token from ``service_token`` or ``service_token_file``, if any."""
+        if self.service_token is not None:
+            return self.service_token.get_secret_value()
+        if self.service_token_file is not None:
+            return self.service_token_file.read_text().strip()
+        return None
 
     patterns_enabled: bool = Field(
         False,

@@ -8,7 +8,6 @@ federation worker as processes, replays every user, prints the report and stops 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 
 from omega_data import MovieLens, load_movielens
 from omega_federation.accounting import calibrate_noise_multiplier
+from omega_simulator.access import FleetAccess
 from omega_simulator.privacy_plot import central_reference, write_privacy_plot
 from omega_simulator.replay import replay_movielens
 from omega_simulator.report import SimulationReport
@@ -72,6 +72,7 @@ def _replay_on_new_stack(
             model_env=model_env,
             model_rounds=model_rounds,
             movielens=ml,
+            access=stack.access,
         )
 
 
@@ -125,10 +126,12 @@ def _replay(settings: SimulatorSettings) -> int:
     if not settings.shards:
         print('replay needs OMEGA_SIMULATOR_SHARDS, e.g. \'{"shard-0": "127.0.0.1:50051"}\'')
         return 2
+    # Rounds run `omega-federation run-once` with this process's OMEGA_FEDERATION_* (its
+    # SHARDS are the internal listeners, with the worker's TLS files and service token).
     with tempfile.TemporaryDirectory(prefix="omega-replay-") as tmp:
         work = settings.work_dir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        env = {"OMEGA_FEDERATION_SHARDS": json.dumps(settings.shards)}
+        env: dict[str, str] = {}
         noise = calibrate_noise_multiplier(
             settings.model_epsilon, settings.model_delta, 1 + settings.model_rounds
         )
@@ -141,6 +144,9 @@ def _replay(settings: SimulatorSettings) -> int:
                 settings.model_factors, settings.model_active_items, noise, settings
             ),
             model_rounds=settings.model_rounds,
+            access=FleetAccess.of(
+                settings.plaintext, settings.tls_ca_file, settings.fleet_keys_file
+            ),
         )
     print()
     print(report.render())

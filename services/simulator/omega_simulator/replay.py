@@ -20,7 +20,7 @@ from typing import Any
 
 import structlog
 
-from omega_brain import Brain, BrainConfig, CatalogIndex, GrpcTransport, ViewingEvent, fetch_catalog
+from omega_brain import Brain, BrainConfig, CatalogIndex, ViewingEvent, fetch_catalog
 from omega_data import (
     MovieLens,
     UserSplit,
@@ -30,6 +30,7 @@ from omega_data import (
     popularity_rankings,
 )
 from omega_protocol import shard_for
+from omega_simulator.access import FleetAccess
 from omega_simulator.report import QualityRow, SimulationReport, SyncStats
 from omega_simulator.settings import SimulatorSettings
 
@@ -128,6 +129,7 @@ def replay_movielens(
     model_rounds: int,
     movielens: MovieLens | None = None,
     progress: Callable[[str], None] = print,
+    access: FleetAccess | None = None,
 ) -> SimulationReport:
     """Replay every MovieLens user against ``shards`` and evaluate on the hold-out.
 
@@ -145,6 +147,7 @@ def replay_movielens(
         model_rounds: model steps after the round that creates the model.
         movielens: preloaded data (loaded from the cache when None).
         progress: where progress lines go.
+        access: TLS trust and device credentials (None: plaintext, no credentials).
 
     Returns:
         The report; raises nothing for failed syncs (they are counted).
@@ -155,9 +158,12 @@ def replay_movielens(
     splits = chronological_split(ml, settings.train_fraction)
     user_ids = sorted(splits)[: settings.max_users] if settings.max_users else sorted(splits)
     shard_ids = sorted(shards)
-    transports = {s: GrpcTransport(shards[s]) for s in shard_ids}
+    access = access or FleetAccess(plaintext=True)
+    transports = {s: access.transport(shards[s]) for s in shard_ids}
     try:
-        fetched = fetch_catalog(transports[shard_ids[0]])
+        fetched = fetch_catalog(
+            transports[shard_ids[0]].with_credential(access.credential("simulator-catalog"))
+        )
         catalog = CatalogIndex(
             fetched.content_ids, fetched.embeddings, titles=fetched.titles, genres=fetched.genres
         )
@@ -170,7 +176,7 @@ def replay_movielens(
             brain = Brain(
                 device_id,
                 dataclasses.replace(base_config, store_path=work_dir / f"{device_id}.sqlite"),
-                transport=transports[shard],
+                transport=transports[shard].with_credential(access.credential(device_id)),
                 catalog=catalog,
             )
             devices.append(Device(uid, brain, _events(splits[uid])))

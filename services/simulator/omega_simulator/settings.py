@@ -21,6 +21,17 @@ class SimulatorSettings(BaseSettings):
         description="Shard id -> gRPC address as JSON; empty: `run` starts its own shards.",
     )
     shard_count: int = Field(2, ge=1, description="Shards `run` starts when none are given.")
+    plaintext: bool = Field(
+        False, description="`replay`: the shards serve without TLS (tests and debugging)."
+    )
+    tls_ca_file: Path | None = Field(
+        None, description="`replay`: PEM CA of the shards' certificates (unset: system roots)."
+    )
+    fleet_keys_file: Path | None = Field(
+        None,
+        description="`replay`: the fleet keys JSON the simulated devices' tokens are issued "
+        "with (unset: devices send no credential).",
+    )
     phases: int = Field(4, ge=1, description="Training history split into this many phases.")
     sync_every_events: int = Field(5, ge=1, description="A device syncs after this many events.")
     workers: int = Field(4, ge=1, description="Threads replaying devices concurrently.")

@@ -3,11 +3,17 @@
 Every service runs as its own OS process, configured only through its environment, exactly as
 in a deployment. Postgres is the server named by ``OMEGA_DATABASE_URL`` when set, otherwise the
 embedded one (pgserver). Each run uses fresh databases, so runs are reproducible.
+
+Security is on as in production: a development PKI (`omega_common.tls.dev_pki`) gives the
+shards TLS certificates and the worker a client certificate (mutual TLS on the shards'
+internal federation listener); fresh fleet keys sign every device's token and the worker's
+service token.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import signal
@@ -25,8 +31,11 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from omega_common.auth import FleetKeys
 from omega_common.db import create_database, drop_database, embedded_postgres_dsn, with_database
+from omega_common.tls import channel_credentials, dev_pki
 from omega_data import MovieLens, catalog_embeddings
+from omega_simulator.access import FleetAccess
 
 __all__ = ["LocalStack", "free_port", "run_federation_round", "write_catalog_file"]
 
@@ -92,11 +101,29 @@ class LocalStack:
         self.work_dir = work_dir
         self.shard_count = shard_count
         self.shards: dict[str, str] = {}
+        self.federation_listeners: dict[str, str] = {}
         self.federation_dsn = ""
         self._admin_dsn = ""
         self._dbs: list[str] = []
         self._procs: list[_Proc] = []
         self._env = dict(env or {})
+        self.pki = dev_pki(work_dir / "pki", clients=("federation-worker",))
+        keys_file = work_dir / "pki" / "fleet-keys.json"
+        keys_file.write_text(
+            json.dumps({"dev-1": base64.b64encode(os.urandom(32)).decode("ascii")})
+        )
+        keys_file.chmod(0o600)
+        self.fleet_keys_file = keys_file
+        self.access = FleetAccess.of(False, self.pki.ca_cert, keys_file)
+        worker_cert, worker_key = self.pki.client_certs["federation-worker"]
+        self._worker_tls = {
+            "OMEGA_FEDERATION_TLS_CA_FILE": str(self.pki.ca_cert),
+            "OMEGA_FEDERATION_TLS_CERT_FILE": str(worker_cert),
+            "OMEGA_FEDERATION_TLS_KEY_FILE": str(worker_key),
+            "OMEGA_FEDERATION_SERVICE_TOKEN": FleetKeys.from_file(keys_file).issue(
+                "service:federation-worker"
+            ),
+        }
 
     def _postgres(self) -> str:
         configured = os.environ.get("OMEGA_DATABASE_URL")
@@ -123,8 +150,13 @@ class LocalStack:
         self.federation_dsn = with_database(self._admin_dsn, "omega_run_federation")
         shard_ids = [f"shard-{i}" for i in range(self.shard_count)]
         for i, shard_id in enumerate(shard_ids):
-            port = free_port()
+            port, federation_port = free_port(), free_port()
             env = {
+                "OMEGA_CONSTELLATION_FEDERATION_PORT": str(federation_port),
+                "OMEGA_CONSTELLATION_TLS_CERT_FILE": str(self.pki.server_cert),
+                "OMEGA_CONSTELLATION_TLS_KEY_FILE": str(self.pki.server_key),
+                "OMEGA_CONSTELLATION_TLS_CA_FILE": str(self.pki.ca_cert),
+                "OMEGA_CONSTELLATION_FLEET_KEYS_FILE": str(self.fleet_keys_file),
                 "OMEGA_CONSTELLATION_SHARD_ID": shard_id,
                 "OMEGA_CONSTELLATION_SHARD_IDS": json.dumps(shard_ids),
                 "OMEGA_CONSTELLATION_PORT": str(port),
@@ -135,6 +167,7 @@ class LocalStack:
             }
             self._spawn(shard_id, [sys.executable, "-m", "omega_constellation", "serve"], env)
             self.shards[shard_id] = f"127.0.0.1:{port}"
+            self.federation_listeners[shard_id] = f"127.0.0.1:{federation_port}"
         for shard_id, address in self.shards.items():
             self._wait_healthy(shard_id, address)
 
@@ -152,7 +185,7 @@ class LocalStack:
     def _wait_healthy(self, name: str, address: str, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         proc = next(p for p in self._procs if p.name == name)
-        with grpc.insecure_channel(address) as channel:
+        with grpc.secure_channel(address, channel_credentials(self.pki.ca_cert)) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if proc.process.poll() is not None:
@@ -173,7 +206,8 @@ class LocalStack:
         return run_federation_round(
             {
                 **self._env,
-                "OMEGA_FEDERATION_SHARDS": json.dumps(self.shards),
+                **self._worker_tls,
+                "OMEGA_FEDERATION_SHARDS": json.dumps(self.federation_listeners),
                 "OMEGA_FEDERATION_DATABASE_URL": self.federation_dsn,
                 **env,
             },

@@ -115,6 +115,7 @@ class SyncPatternsResponse(_message.Message):
     REDIRECT_SHARD_ID_FIELD_NUMBER: _builtins.int
     PATTERNS_STORED_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    NEXT_SYNC_AFTER_MS_FIELD_NUMBER: _builtins.int
     acknowledged_version: _builtins.int
     """Highest local version of the device the server has applied."""
     global_version: _builtins.int
@@ -125,6 +126,13 @@ class SyncPatternsResponse(_message.Message):
     patterns_stored: _builtins.int
     model_version: _builtins.int
     """The current version of the item-factor model (0: none yet); fetch changed rows with FetchModel."""
+    next_sync_after_ms: _builtins.int
+    """Pace steering: wait this long, in ms, before the next regular sync. Set on every answer
+    (also on a redirect, where it paces the syncs after the redirected one, which is sent at
+    once). The shard's base interval (5 min by default) with random jitter, stretched when the
+    replica is near its concurrency bound or the device near its rate limit. 0 (an older
+    server): the device keeps its own schedule.
+    """
     @_builtins.property
     def global_patterns(self) -> Global___CompressedPayload:
         """A GlobalPatterns (empty when the device is current)."""
@@ -139,10 +147,11 @@ class SyncPatternsResponse(_message.Message):
         redirect_shard_id: _builtins.str = ...,
         patterns_stored: _builtins.int = ...,
         model_version: _builtins.int = ...,
+        next_sync_after_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["global_patterns", b"global_patterns"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acknowledged_version", b"acknowledged_version", "duplicate", b"duplicate", "global_patterns", b"global_patterns", "global_version", b"global_version", "model_version", b"model_version", "patterns_stored", b"patterns_stored", "redirect_shard_id", b"redirect_shard_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acknowledged_version", b"acknowledged_version", "duplicate", b"duplicate", "global_patterns", b"global_patterns", "global_version", b"global_version", "model_version", b"model_version", "next_sync_after_ms", b"next_sync_after_ms", "patterns_stored", b"patterns_stored", "redirect_shard_id", b"redirect_shard_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -341,6 +350,54 @@ class ReportMetricsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReportMetricsResponse: _TypeAlias = ReportMetricsResponse  # noqa: Y015
+
+@_typing.final
+class ForgetDeviceRequest(_message.Message):
+    """Right to be forgotten: delete everything the shard keeps about the calling device (its
+    device row, patterns and model update), in one transaction. Aggregates already published
+    (global patterns, trends, the model) cannot be recalled.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForgetDeviceRequest: _TypeAlias = ForgetDeviceRequest  # noqa: Y015
+
+@_typing.final
+class ForgetDeviceResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FORGOTTEN_FIELD_NUMBER: _builtins.int
+    PATTERNS_DELETED_FIELD_NUMBER: _builtins.int
+    forgotten: _builtins.bool
+    """False when the shard held nothing for the device."""
+    patterns_deleted: _builtins.int
+    """Device patterns deleted."""
+    def __init__(
+        self,
+        *,
+        forgotten: _builtins.bool = ...,
+        patterns_deleted: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["forgotten", b"forgotten", "patterns_deleted", b"patterns_deleted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForgetDeviceResponse: _TypeAlias = ForgetDeviceResponse  # noqa: Y015
 
 @_typing.final
 class SearchContentRequest(_message.Message):

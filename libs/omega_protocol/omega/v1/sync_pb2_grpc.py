@@ -60,6 +60,11 @@ class ConstellationSyncStub:
                 request_serializer=omega_dot_v1_dot_sync__pb2.SearchContentRequest.SerializeToString,
                 response_deserializer=omega_dot_v1_dot_sync__pb2.SearchContentResponse.FromString,
                 _registered_method=True)
+        self.ForgetDevice = channel.unary_unary(
+                '/omega.v1.ConstellationSync/ForgetDevice',
+                request_serializer=omega_dot_v1_dot_sync__pb2.ForgetDeviceRequest.SerializeToString,
+                response_deserializer=omega_dot_v1_dot_sync__pb2.ForgetDeviceResponse.FromString,
+                _registered_method=True)
 
 
 class ConstellationSyncServicer:
@@ -101,6 +106,13 @@ class ConstellationSyncServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForgetDevice(self, request, context):
+        """Delete what the shard keeps about the calling device (its own credential).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ConstellationSyncServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +140,11 @@ def add_ConstellationSyncServicer_to_server(servicer, server):
                     servicer.SearchContent,
                     request_deserializer=omega_dot_v1_dot_sync__pb2.SearchContentRequest.FromString,
                     response_serializer=omega_dot_v1_dot_sync__pb2.SearchContentResponse.SerializeToString,
+            ),
+            'ForgetDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForgetDevice,
+                    request_deserializer=omega_dot_v1_dot_sync__pb2.ForgetDeviceRequest.FromString,
+                    response_serializer=omega_dot_v1_dot_sync__pb2.ForgetDeviceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +283,33 @@ class ConstellationSync:
             '/omega.v1.ConstellationSync/SearchContent',
             omega_dot_v1_dot_sync__pb2.SearchContentRequest.SerializeToString,
             omega_dot_v1_dot_sync__pb2.SearchContentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForgetDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/omega.v1.ConstellationSync/ForgetDevice',
+            omega_dot_v1_dot_sync__pb2.ForgetDeviceRequest.SerializeToString,
+            omega_dot_v1_dot_sync__pb2.ForgetDeviceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,8 @@ class ConstellationSyncStub:
     """Device health counters."""
     SearchContent: _grpc.UnaryUnaryMultiCallable[_sync_pb2.SearchContentRequest, _sync_pb2.SearchContentResponse]
     """Nearest catalog items to an embedding, with filters."""
+    ForgetDevice: _grpc.UnaryUnaryMultiCallable[_sync_pb2.ForgetDeviceRequest, _sync_pb2.ForgetDeviceResponse]
+    """Delete what the shard keeps about the calling device (its own credential)."""
 
 @_typing.type_check_only
 class ConstellationSyncAsyncStub(ConstellationSyncStub):
@@ -59,6 +61,8 @@ class ConstellationSyncAsyncStub(ConstellationSyncStub):
     """Device health counters."""
     SearchContent: _aio.UnaryUnaryMultiCallable[_sync_pb2.SearchContentRequest, _sync_pb2.SearchContentResponse]  # type: ignore[assignment]
     """Nearest catalog items to an embedding, with filters."""
+    ForgetDevice: _aio.UnaryUnaryMultiCallable[_sync_pb2.ForgetDeviceRequest, _sync_pb2.ForgetDeviceResponse]  # type: ignore[assignment]
+    """Delete what the shard keeps about the calling device (its own credential)."""
 
 class ConstellationSyncServicer(metaclass=_abc_1.ABCMeta):
     """Device-facing sync API of a constellation shard."""
@@ -102,5 +106,13 @@ class ConstellationSyncServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_sync_pb2.SearchContentResponse, _abc.Awaitable[_sync_pb2.SearchContentResponse]]:
         """Nearest catalog items to an embedding, with filters."""
+
+    @_abc_1.abstractmethod
+    def ForgetDevice(
+        self,
+        request: _sync_pb2.ForgetDeviceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sync_pb2.ForgetDeviceResponse, _abc.Awaitable[_sync_pb2.ForgetDeviceResponse]]:
+        """Delete what the shard keeps about the calling device (its own credential)."""
 
 def add_ConstellationSyncServicer_to_server(servicer: ConstellationSyncServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
