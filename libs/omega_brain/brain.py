@@ -1207,6 +1207,7 @@ class Brain:
                 model_version=self._state["model_version"],
                 model_items=len(self._model.content_ids),
                 model_bytes_down=self._state["model_bytes_down"],
+                next_sync_at_ms=self._state["next_sync_at_ms"],
             )
 
     def close(self) -> None:

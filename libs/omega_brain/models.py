@@ -120,6 +120,10 @@ class BrainStats:
         model_version: version of the collaborative model (0: none).
         model_items: items the model has rows for (some may not be in the catalog).
         model_bytes_down: bytes of every FetchModel reply received (persisted).
+        next_sync_at_ms: when the shard asked this device to sync next (its last answer's
+            ``next_sync_after_ms`` after the brain's clock, ms since the epoch; 0: no
+            request yet). Host schedulers should not sync before it, except for a user's
+            explicit action.
     """
 
     device_id: str
@@ -143,6 +147,7 @@ class BrainStats:
     model_version: int = 0
     model_items: int = 0
     model_bytes_down: int = 0
+    next_sync_at_ms: int = 0
 
     def to_proto(self) -> events_pb2.DeviceMetrics:
         """The counters as an `omega.v1.DeviceMetrics` for ``ReportMetrics``."""

@@ -673,3 +673,17 @@ def test_the_default_retries_ride_out_a_replica_restart() -> None:
             )
             == "ok"
         )
+
+
+def test_the_shard_s_pace_is_kept_for_the_host(catalog: CatalogIndex) -> None:
+    shard = FakeShard()
+    shard.script = [
+        lambda r: sync_pb2.SyncPatternsResponse(
+            acknowledged_version=r.local_version, next_sync_after_ms=300_000
+        )
+    ]
+    with Brain("tv-1", FAST, transport=shard, catalog=catalog, clock=lambda: 1000.0) as brain:
+        assert brain.stats().next_sync_at_ms == 0
+        session(brain, [1])
+        assert brain.sync().ok
+        assert brain.stats().next_sync_at_ms == 1_000_000 + 300_000
