@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PROTO_FILES := $(wildcard proto/omega/v1/*.proto)
 PROTO_OUT := libs/omega_protocol
 
-.PHONY: help setup run data test test-unit test-integration lint format typecheck proto proto-check bench bench-quality bench-recommend clean
+.PHONY: help setup run data test test-unit test-integration chaos lint format typecheck proto proto-check bench bench-quality bench-recommend fuzz clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -34,11 +34,15 @@ test: $(STAMP) ## Run all tests (unit + integration against real Postgres and gR
 test-unit: $(STAMP) ## Run the unit tests only
 	$(PY) -m pytest tests/unit
 
+chaos: $(STAMP) ## Long fault tests (minutes): replicas SIGKILLed and Postgres stopped, repeatedly
+	OMEGA_CHAOS=1 $(PY) -m pytest -m chaos -s tests/integration
+
 lint: $(STAMP) ## ruff lint + format check, mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/mypy bench
+	$(VENV)/bin/mypy tools
 
 format: $(STAMP) ## Apply ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix .
@@ -47,6 +51,7 @@ format: $(STAMP) ## Apply ruff fixes and formatting
 typecheck: $(STAMP) ## mypy (strict) on our code
 	$(VENV)/bin/mypy
 	$(VENV)/bin/mypy bench
+	$(VENV)/bin/mypy tools
 
 bench: bench-recommend bench-quality ## Every benchmark (about 10 min)
 
@@ -55,6 +60,15 @@ bench-recommend: $(STAMP) ## recommend() p50/p99 at 100K items with the collabor
 
 bench-quality: $(STAMP) ## Tune federated CF on a validation split; hold-out quality vs epsilon (JSON + PNG in reports/collaborative)
 	$(PY) bench/collaborative_quality.py --out reports/collaborative
+
+FUZZ_CASES ?= 10000
+FUZZ_SEED ?= 0
+FUZZ_TARGET ?=
+FUZZ_TIME_LIMIT ?= 900
+
+fuzz: $(STAMP) ## Fuzz a local shard (FUZZ_CASES=10000 FUZZ_SEED=0; FUZZ_TARGET=127.0.0.1:port to use a running one)
+	$(PY) -m tools.fuzz --cases $(FUZZ_CASES) --seed $(FUZZ_SEED) --time-limit $(FUZZ_TIME_LIMIT) \
+		$(if $(FUZZ_TARGET),$(foreach t,$(FUZZ_TARGET),--target $(t)))
 
 define generate_proto
 	rm -rf $(1) && mkdir -p $(1)

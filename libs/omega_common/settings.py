@@ -26,7 +26,10 @@ class ServiceSettings(BaseSettings):
         ),
     )
     metrics_port: int = Field(
-        0, description="Port of the Prometheus /metrics HTTP endpoint; 0 disables it."
+        0,
+        ge=0,
+        le=65535,
+        description="Port of the Prometheus /metrics HTTP endpoint; 0 disables it.",
     )
     plaintext: bool = Field(
         False,

@@ -158,7 +158,8 @@ def decode_embedding(
         scale = np.float32(embedding.scale)
         if not np.isfinite(scale) or scale < 0:
             raise EmbeddingError(f"invalid int8 scale {embedding.scale}")
-        out = raw.astype(np.float32) * scale
+        with np.errstate(over="ignore"):  # an overflow is reported below, as an error
+            out = raw.astype(np.float32) * scale
     else:
         out = raw.astype(np.float32)
     if not np.all(np.isfinite(out)):

@@ -42,6 +42,7 @@ from omega_protocol import (
 )
 from omega_protocol.model_update import (
     MAX_MODEL_FACTORS,
+    MAX_UPDATE_ITEMS,
     ModelUpdateError,
     decode_item_factor_update,
 )
@@ -339,6 +340,8 @@ def _model_update(
 ) -> ModelUpdateRecord:
     """Validate a device's `ItemFactorUpdate` against the catalog and the current model."""
     check_int64(update.model_version, "model_update.model_version")
+    for i, content_id in enumerate(update.content_ids[:MAX_UPDATE_ITEMS]):
+        check_id(content_id, f"model_update.content_ids[{i}]", MAX_CONTENT_ID_CHARS)
     expected = model.factors if update.model_version == model.version and model.version else None
     try:
         decoded = decode_item_factor_update(update, expected_factors=expected)

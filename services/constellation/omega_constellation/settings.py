@@ -92,6 +92,7 @@ class ConstellationSettings(ServiceSettings):
     max_device_latency_ms: float = Field(
         60_000.0,
         gt=0,
+        le=3_600_000.0,
         description="Largest recommendation latency in a ReportMetrics report, in ms.",
     )
     min_success_rate: float = Field(

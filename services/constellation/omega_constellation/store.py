@@ -7,6 +7,7 @@ are int8 ``bytea`` plus a ``real`` scale (ARCHITECTURE.md section 3).
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -223,9 +224,13 @@ class ShardStore:
                     now_ms,
                 )
 
-            keep = [p for p in delta.upserts if p.success_rate >= min_success_rate]
-            drop = [p.pattern_id for p in delta.upserts if p.success_rate < min_success_rate]
-            drop += [u.pattern_id for u in delta.updates if u.success_rate < min_success_rate]
+            # Rates travel (and are stored) as float32: compare with the threshold rounded
+            # the same way, or a rate of exactly the threshold (7/10 against 0.7, a float32
+            # just below 0.7) would count as below it.
+            threshold = _float32(min_success_rate)
+            keep = [p for p in delta.upserts if p.success_rate >= threshold]
+            drop = [p.pattern_id for p in delta.upserts if p.success_rate < threshold]
+            drop += [u.pattern_id for u in delta.updates if u.success_rate < threshold]
             drop += delta.removed
             if keep:
                 await conn.executemany(
@@ -261,7 +266,7 @@ class ShardStore:
                         for p in keep
                     ],
                 )
-            updates = [u for u in delta.updates if u.success_rate >= min_success_rate]
+            updates = [u for u in delta.updates if u.success_rate >= threshold]
             if updates:
                 # Updates to patterns this shard never stored (they were below the threshold)
                 # match no row: the device sends the full pattern again when its embedding moves.
@@ -620,7 +625,9 @@ class ShardStore:
                 " p.success_rate, p.sample_count, p.time_slot, p.day_type, p.content_type,"
                 " p.genre_hints, p.created_at_ms, p.updated_at_ms, p.stored_at_ms"
                 " FROM device_patterns p JOIN devices d USING (device_id)"
-                " WHERE p.stored_at_ms > $1 AND p.stored_at_ms <= $2 AND p.success_rate >= $3"
+                # real against real: the threshold rounded as the stored rates are.
+                " WHERE p.stored_at_ms > $1 AND p.stored_at_ms <= $2"
+                " AND p.success_rate >= $3::real"
                 " ORDER BY p.stored_at_ms",
                 since_ms,
                 until_ms,
@@ -698,6 +705,12 @@ class ShardStore:
             )
             for r in rows
         ]
+
+
+def _float32(value: float) -> float:
+    """``value`` rounded to the nearest float32 (the wire and column type of success rates)."""
+    rounded: float = struct.unpack("<f", struct.pack("<f", value))[0]
+    return rounded
 
 
 def _export_row(r: Any) -> ExportRow:
