@@ -9,6 +9,8 @@ deltas, per-content view counts and, once per collaborative-model version, the m
 
 from __future__ import annotations
 
+import base64
+import json
 import math
 import random
 import threading
@@ -20,8 +22,10 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+import grpc
 import numpy as np
 import numpy.typing as npt
+from google.protobuf.message import DecodeError
 
 from omega.v1 import patterns_pb2, sync_pb2
 from omega_brain.catalog import CatalogIndex
@@ -78,6 +82,19 @@ REASON_HISTORY = "matches your viewing history"
 REASON_MODEL = "viewers with your taste watched this"
 REASON_DISCOVER = "something new to try"
 
+_REFUSED_BEFORE_WRITING = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.NOT_FOUND,
+    }
+)
+"""Answers the shard gives before writing anything: the send needs no settling."""
 _MAX_ADOPTED_VERSION = 1 << 53
 """Largest shard version a device will number past (a factory-reset store continuing
 after its old self); far below the signed 64-bit range, so no answer can wedge it."""
@@ -743,6 +760,9 @@ class Brain:
                 failed = self._learn_server_version(transport)
                 if failed is not None:
                     return failed
+            failed = self._settle_unconfirmed(transport)
+            if failed is not None:
+                return failed
             with self._lock:
                 self._check_open()
                 request, sent = self._build_request()
@@ -757,6 +777,8 @@ class Brain:
             except SyncError as exc:
                 code = f" [{exc.code.name}]" if exc.code is not None else ""
                 message = f"{exc}{code} after {outcome.attempts} attempt(s)"
+                if exc.code not in _REFUSED_BEFORE_WRITING and sent.local_version > 0:
+                    self._record_unconfirmed(request, sent)
                 return self._sync_failed(request, sent, outcome, patterns_sent, message, 0, None)
             if not isinstance(response, sync_pb2.SyncPatternsResponse):
                 return self._sync_failed(
@@ -851,6 +873,78 @@ class Brain:
                 self._prefs_cache = None
                 self._context_prefs_cache = {}
         return forgotten
+
+    def _record_unconfirmed(self, request: sync_pb2.SyncPatternsRequest, sent: _Sent) -> None:
+        """Keep a send whose outcome is unknown (the shard may have applied it, its answer
+        lost), so that the next sync settles it before numbering newer changes: views and
+        added samples are increments, and sending them again in a newer delta would count
+        them twice."""
+        record = {
+            "request": base64.b64encode(request.SerializeToString()).decode("ascii"),
+            "local_version": sent.local_version,
+            "patterns": sent.patterns,
+            "views": sent.views,
+            "model_update_version": sent.model_update_version,
+            "model_update_items": sent.model_update_items,
+        }
+        with self._lock:
+            if not self._closed:
+                self._store.set_unconfirmed_send(json.dumps(record))
+
+    def _settle_unconfirmed(self, transport: SyncTransport) -> SyncResult | None:
+        """Send the recorded unconfirmed request again, unchanged (the shard applies a
+        ``(device, version)`` once), and book its answer as its own (called in `sync`).
+
+        Returns:
+            None when there was nothing to settle or it is settled; a failed `SyncResult`
+            when the shard cannot be reached (the record is kept for the next sync).
+        """
+        with self._lock:
+            self._check_open()
+            text = self._store.unconfirmed_send()
+        if text is None:
+            return None
+        try:
+            record = json.loads(text)
+            request = sync_pb2.SyncPatternsRequest.FromString(base64.b64decode(record["request"]))
+            sent = _Sent(
+                int(record["local_version"]),
+                [(str(p), int(n)) for p, n in record["patterns"]],
+                {str(c): int(v) for c, v in record["views"].items()},
+                None
+                if record["model_update_version"] is None
+                else int(record["model_update_version"]),
+                int(record["model_update_items"]),
+            )
+        except (ValueError, KeyError, TypeError, DecodeError):
+            sent = None  # unreadable: drop it (its changes are re-sent as not acknowledged)
+        if sent is None or sent.local_version <= self._state["acked_version"]:
+            with self._lock:
+                self._store.set_unconfirmed_send(None)
+            return None
+        outcome = RetryOutcome()
+        try:
+            response = call_with_retries(
+                lambda: transport.sync_patterns(request, self._config.timeout_seconds),
+                **self._retry_policy(),
+                outcome=outcome,
+            )
+        except SyncError as exc:
+            if exc.code in _REFUSED_BEFORE_WRITING:
+                with self._lock:
+                    self._store.set_unconfirmed_send(None)
+                return None
+            code = f" [{exc.code.name}]" if exc.code is not None else ""
+            message = f"settling the unconfirmed send: {exc}{code}"
+            return self._sync_failed(request, sent, outcome, len(sent.patterns), message, 0, None)
+        with self._lock:
+            self._check_open()
+            if isinstance(response, sync_pb2.SyncPatternsResponse) and (
+                not response.redirect_shard_id
+            ):
+                self._apply_response(sent, response)
+            self._store.set_unconfirmed_send(None)
+        return None
 
     def _learn_server_version(self, transport: SyncTransport) -> SyncResult | None:
         """Before this store's first delta, ask the shard for the device's last version.

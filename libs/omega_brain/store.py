@@ -8,7 +8,8 @@ consistent brain.
 
 Schema (``PRAGMA user_version`` = `SCHEMA_VERSION`):
 
-* ``meta(key TEXT PK, value TEXT)``: ``device_id`` the store belongs to.
+* ``meta(key TEXT PK, value TEXT)``: ``device_id`` the store belongs to; ``unconfirmed_send``, a
+  sync request whose outcome is unknown (a lost reply), settled before the next delta.
 * ``sync_state(key TEXT PK, value INTEGER)``: ``local_version``, ``acked_version``,
   ``global_version``, ``catalog_version``, ``syncs_ok``, ``syncs_failed``; and for the
   collaborative model ``model_version`` (0: no model), ``model_factors`` (factors per row, 0
@@ -521,6 +522,26 @@ class Store:
                 [(pid, int(n), int(version)) for pid, n in items],
             )
 
+    def unconfirmed_send(self) -> str | None:
+        """The sync request whose outcome is unknown (JSON, see `Brain.sync`), if any."""
+        with self._guard("reading the unconfirmed send"):
+            row = self._conn.execute(
+                "SELECT value FROM meta WHERE key = 'unconfirmed_send'"
+            ).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_unconfirmed_send(self, value: str | None) -> None:
+        """Record (or, with None, clear) the sync request whose outcome is unknown."""
+        with self._guard("writing the unconfirmed send"):
+            if value is None:
+                self._conn.execute("DELETE FROM meta WHERE key = 'unconfirmed_send'")
+            else:
+                self._conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('unconfirmed_send', ?)"
+                    " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (value,),
+                )
+
     def forget_personal_data(self) -> None:
         """Delete what the device learned of its viewer: events, patterns, acknowledgements,
         pending view counts and the sync state (versions, counters). What came from the
@@ -529,6 +550,7 @@ class Store:
         with self._guard("forgetting personal data"):
             for table in ("events", "patterns", "acked_patterns", "pending_views"):
                 self._conn.execute(f"DELETE FROM {table}")
+            self._conn.execute("DELETE FROM meta WHERE key = 'unconfirmed_send'")
             keep = ("global_version", "catalog_version", "model_version", "model_factors")
             self._conn.executemany(
                 "UPDATE sync_state SET value = ? WHERE key = ?",

@@ -4,8 +4,9 @@ The shard commits the delta; the device never learns it (each attempt's reply is
 replica killed right after its commit and not back within the retry budget, a network cut).
 If the device syncs again before observing anything new, the same local version is a
 duplicate and is acknowledged: nothing is applied twice. If it observed more viewings first,
-its next delta has a higher version and still carries the views and "additional samples" of
-the lost one, which the shard applies again.
+the brain first sends the unconfirmed request again unchanged (kept in its store: a
+duplicate for the shard), books it, and only then numbers the newer changes, so the views
+and "additional samples" of the lost send are not applied twice.
 """
 
 from __future__ import annotations
@@ -115,12 +116,6 @@ async def test_lost_reply_then_a_plain_retry_is_applied_once(
         transport.inner.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known: a delta applied but never acknowledged is applied again when newer "
-    "viewings come before the next sync (views and additional samples counted twice); "
-    "the brain would have to keep its unconfirmed send and resolve it first",
-)
 async def test_lost_reply_then_new_viewings_is_applied_once(
     shard: RunningServer, database_url: str, tmp_path: Path
 ) -> None:

@@ -452,14 +452,17 @@ def test_failed_sync_resends_the_model_update(catalog: CatalogIndex) -> None:
         failed = brain.sync()
         assert not failed.ok and failed.model_update_sent
 
-        shard.sync_script = [lambda r: 0]  # acknowledged below the sent version: not applied
+        # Acknowledged below the sent version, both when the unknown outcome is settled and
+        # for the sync itself: not applied.
+        shard.sync_script = [lambda r: 0, lambda r: 0]
         below = brain.sync()
         assert not below.ok and below.model_update_sent
 
         ok = brain.sync()
         assert ok.ok and ok.model_update_sent
         sent = [u for u in shard.updates() if u is not None and u.direction is not None]
-        assert len(sent) == FAST.max_attempts + 2
+        # The failed attempts, the settling resend, the refused sync and the good one.
+        assert len(sent) == FAST.max_attempts + 3
         assert not brain.sync().model_update_sent
 
 

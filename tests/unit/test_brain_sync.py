@@ -271,9 +271,12 @@ def test_non_retryable_error_keeps_the_delta(catalog: CatalogIndex, error: Excep
         assert (stats.acked_version, stats.local_version, stats.pending_view_count) == (0, 2, 2)
         retried = brain.sync()
         assert retried.ok
-        first, second = shard.deltas()
-        assert first == second  # the very same delta went again
-        assert len(second.added) == 1
+        first, *again = shard.deltas()
+        # The very same delta went again (an unknown outcome is first settled unchanged,
+        # then the sync itself runs at the same version: nothing was observed since).
+        assert again[0] == first
+        assert all(d.local_version == first.local_version for d in again)
+        assert len(first.added) == 1
 
 
 def test_versions_advance_only_on_success_and_keep_concurrent_changes(
@@ -687,3 +690,28 @@ def test_the_shard_s_pace_is_kept_for_the_host(catalog: CatalogIndex) -> None:
         session(brain, [1])
         assert brain.sync().ok
         assert brain.stats().next_sync_at_ms == 1_000_000 + 300_000
+
+
+def test_a_lost_reply_is_settled_before_newer_changes(catalog: CatalogIndex) -> None:
+    # The shard applied version 2 but its answer was lost; two more viewings follow. The
+    # next sync sends version 2 again unchanged (a duplicate for the shard), then version 4
+    # with only what is new: no view or sample is counted twice.
+    shard = FakeShard()
+    applied: list[patterns_pb2.PatternDelta] = []
+
+    def lost(r: sync_pb2.SyncPatternsRequest) -> sync_pb2.SyncPatternsResponse:
+        applied.append(decode_payload(r.delta, patterns_pb2.PatternDelta))
+        raise SyncError("deadline", code=grpc.StatusCode.DEADLINE_EXCEEDED, retryable=False)
+
+    shard.script = [lost]
+    with Brain("tv-1", FAST, transport=shard, catalog=catalog) as brain:
+        session(brain, [1, 2])
+        assert not brain.sync().ok
+        session(brain, [3, 4])
+        assert brain.sync().ok
+        versions = [r.local_version for r in shard.requests]
+        assert versions == [2, 2, 4]
+        resent, newer = shard.deltas()[1:]
+        assert resent == applied[0]
+        assert sum(v.views for v in newer.content_views) == 2  # items 3 and 4 only
+        assert brain.stats().acked_version == 4
