@@ -52,6 +52,7 @@ async def start_shard(make_database: object) -> AsyncIterator[StartShard]:
             "export_settle_ms": 0,
             "plaintext": True,
             "auth": False,
+            "min_published_sources": 1,  # tests publish patterns of a few devices
         }
         values.update(overrides)
         running = await start_server(ConstellationSettings(**values))

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import asyncpg
 import grpc
+import numpy as np
 import pytest
 
-from omega.v1 import federation_pb2, federation_pb2_grpc, sync_pb2, sync_pb2_grpc
+from omega.v1 import federation_pb2, federation_pb2_grpc, patterns_pb2, sync_pb2, sync_pb2_grpc
 from omega_brain import Brain, BrainConfig, GrpcTransport, ViewingEvent
 from omega_common.auth import FleetKeys, bearer
 from omega_common.tls import DevPki, channel_credentials, dev_pki
@@ -337,3 +338,51 @@ async def test_factory_reset_then_forget_over_tls(
     finally:
         new.close()
         transport.close()
+
+
+async def test_publish_round_is_bounded_even_for_the_worker(
+    start_shard: StartShard, database_url: str
+) -> None:
+    from omega_protocol import encode_embedding
+
+    shard = await start_shard(
+        database_url=database_url, min_published_sources=5, max_published_trending=3
+    )
+    unit = np.zeros(384, dtype=np.float32)
+    unit[0] = 1.0
+
+    def pattern(sources: int) -> patterns_pb2.GlobalPattern:
+        return patterns_pb2.GlobalPattern(
+            pattern_key="0:1",
+            embedding=encode_embedding(unit),
+            quality=1.0,
+            success_rate=0.9,
+            source_count=sources,
+            context=patterns_pb2.PatternContext(
+                time_slot=patterns_pb2.TIME_SLOT_EVENING, day_type=patterns_pb2.DAY_TYPE_WEEKDAY
+            ),
+        )
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{shard.federation_port}") as channel:
+        federation = federation_pb2_grpc.FederationStub(channel)
+        refused = [
+            federation_pb2.PublishRoundRequest(round=2**62),  # would make later rounds dups
+            federation_pb2.PublishRoundRequest(round=1, patterns=[pattern(4)]),  # k = 5
+            federation_pb2.PublishRoundRequest(
+                round=1,
+                trending=[
+                    patterns_pb2.TrendingContent(content_id=f"c{i}", score=1.0) for i in range(4)
+                ],
+            ),
+            federation_pb2.PublishRoundRequest(round=1, epsilon=float("nan")),
+            federation_pb2.PublishRoundRequest(round=1, delta=-1.0),
+        ]
+        for request in refused:
+            assert await _code(federation.PublishRound(request)) == (
+                grpc.StatusCode.INVALID_ARGUMENT
+            )
+        assert shard.service.global_view.version == 0
+        ok = await federation.PublishRound(
+            federation_pb2.PublishRoundRequest(round=1, patterns=[pattern(5)])
+        )
+        assert ok.global_version == 1 and shard.service.global_view.version == 1

@@ -10,7 +10,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from omega_common.errors import FailedPreconditionError
+from omega_common.errors import FailedPreconditionError, InvalidArgumentError
 from omega_constellation import metrics
 from omega_constellation.catalog import Catalog, read_catalog_file
 from omega_constellation.converters import (
@@ -202,12 +202,35 @@ class ConstellationService:
         cumulative_epsilon: float,
         noise_multiplier: float = 0.0,
     ) -> tuple[int, int, bool]:
-        """Store a round; returns (global version, patterns stored, duplicate)."""
+        """Store a round; returns (global version, patterns stored, duplicate).
+
+        Raises:
+            InvalidArgumentError: more patterns or trending items than the settings allow, a
+                pattern with fewer source devices than
+                ``min_published_sources``, or a round too far past the current version
+                (`ShardStore.publish_round`). Nothing is written.
+        """
+        s = self.settings
+        if len(published.patterns) > s.max_published_patterns:
+            raise InvalidArgumentError(
+                f"patterns: {len(published.patterns)} > {s.max_published_patterns}"
+            )
+        if len(published.trending) > s.max_published_trending:
+            raise InvalidArgumentError(
+                f"trending: {len(published.trending)} > {s.max_published_trending}"
+            )
+        for i, p in enumerate(published.patterns):
+            if p.source_count < s.min_published_sources:
+                raise InvalidArgumentError(
+                    f"patterns[{i}].source_count {p.source_count} is below the k-anonymity"
+                    f" threshold {s.min_published_sources}"
+                )
         result = await self.store.publish_round(
             published,
             epsilon=epsilon,
             cumulative_epsilon=cumulative_epsilon,
             noise_multiplier=noise_multiplier,
+            max_round_step=s.max_round_step,
         )
         await self.refresh_global(result[0])
         if published.item_factors:

@@ -74,6 +74,28 @@ class ConstellationSettings(ServiceSettings):
             "itself. A TV bumps its version once per viewing event."
         ),
     )
+    max_round_step: int = Field(
+        1_000,
+        ge=1,
+        le=2**62,
+        description="Most a published round may advance the shard's global version; a bigger "
+        "jump is refused (INVALID_ARGUMENT), so one bad PublishRound cannot make every later "
+        "legitimate round a duplicate.",
+    )
+    min_published_sources: int = Field(
+        1_000,
+        ge=1,
+        le=2**31 - 1,
+        description="k-anonymity checked again by the shard: a published global pattern "
+        "must have at least this many source devices (keep it equal to the worker's "
+        "OMEGA_FEDERATION_MIN_SOURCES).",
+    )
+    max_published_patterns: int = Field(
+        100_000, ge=0, le=10_000_000, description="Global patterns one PublishRound may carry."
+    )
+    max_published_trending: int = Field(
+        10_000, ge=0, le=1_000_000, description="Trending items one PublishRound may carry."
+    )
     max_device_count: int = Field(
         1_000_000_000,
         ge=0,

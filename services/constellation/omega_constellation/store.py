@@ -436,6 +436,7 @@ class ShardStore:
         epsilon: float,
         cumulative_epsilon: float,
         noise_multiplier: float = 0.0,
+        max_round_step: int = 2**62,
     ) -> tuple[int, int, bool]:
         """Store a federation round once; returns (global version, patterns stored, duplicate).
 
@@ -443,6 +444,10 @@ class ShardStore:
         worker re-running a crashed round cannot double-apply it. A round with model rows
         also makes them the new model version (= the round) in the same transaction: see
         `_publish_model`.
+
+        Raises:
+            InvalidArgumentError: the round is more than ``max_round_step`` past the current
+                global version (nothing written).
         """
         round_id, patterns, trending = published.round, published.patterns, published.trending
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
@@ -450,6 +455,11 @@ class ShardStore:
             current = await self._global_version(conn)
             if round_id <= current:
                 return current, 0, True
+            if round_id - current > max_round_step:
+                raise InvalidArgumentError(
+                    f"round {round_id} is more than {max_round_step} past the current version"
+                    f" {current}"
+                )
             if patterns:
                 await conn.executemany(
                     "INSERT INTO global_patterns (pattern_key, round, embedding, embedding_scale,"

@@ -46,7 +46,12 @@ def _replay_on_new_stack(
     """Start Postgres + shards, replay every user, run the rounds, stop everything."""
     work.mkdir(parents=True, exist_ok=True)
     (work / "devices").mkdir(exist_ok=True)
-    stack = LocalStack(work, settings.shard_count, env={"OMEGA_CONSTELLATION_LOG_LEVEL": "WARNING"})
+    stack = LocalStack(
+        work,
+        settings.shard_count,
+        env={"OMEGA_CONSTELLATION_LOG_LEVEL": "WARNING"},
+        min_sources=settings.min_sources,
+    )
     federation_env = {
         "OMEGA_FEDERATION_MIN_SOURCES": str(settings.min_sources),
         "OMEGA_FEDERATION_EPSILON": str(settings.epsilon),

@@ -97,7 +97,14 @@ class _Proc:
 class LocalStack:
     """Starts and stops the processes of one local run."""
 
-    def __init__(self, work_dir: Path, shard_count: int, *, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        work_dir: Path,
+        shard_count: int,
+        *,
+        env: dict[str, str] | None = None,
+        min_sources: int = 1000,
+    ):
         self.work_dir = work_dir
         self.shard_count = shard_count
         self.shards: dict[str, str] = {}
@@ -107,6 +114,7 @@ class LocalStack:
         self._dbs: list[str] = []
         self._procs: list[_Proc] = []
         self._env = dict(env or {})
+        self.min_sources = min_sources  # k-anonymity, checked by the worker and the shards
         self.pki = dev_pki(work_dir / "pki", clients=("federation-worker",))
         keys_file = work_dir / "pki" / "fleet-keys.json"
         keys_file.write_text(
@@ -157,6 +165,7 @@ class LocalStack:
                 "OMEGA_CONSTELLATION_TLS_KEY_FILE": str(self.pki.server_key),
                 "OMEGA_CONSTELLATION_TLS_CA_FILE": str(self.pki.ca_cert),
                 "OMEGA_CONSTELLATION_FLEET_KEYS_FILE": str(self.fleet_keys_file),
+                "OMEGA_CONSTELLATION_MIN_PUBLISHED_SOURCES": str(self.min_sources),
                 "OMEGA_CONSTELLATION_SHARD_ID": shard_id,
                 "OMEGA_CONSTELLATION_SHARD_IDS": json.dumps(shard_ids),
                 "OMEGA_CONSTELLATION_PORT": str(port),
