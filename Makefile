@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PROTO_FILES := $(wildcard proto/omega/v1/*.proto)
 PROTO_OUT := libs/omega_protocol
 
-.PHONY: help setup run data test test-unit test-integration chaos lint format typecheck proto proto-check bench bench-quality bench-recommend fuzz clean
+.PHONY: help setup run data test test-unit test-integration chaos lint format typecheck proto proto-check bench bench-quality bench-recommend fuzz deploy-secrets deploy-check clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -85,6 +85,14 @@ proto-check: $(STAMP) ## Fail when the committed generated code differs from wha
 	$(call generate_proto,build/proto-check)
 	diff -r -x __pycache__ build/proto-check/omega $(PROTO_OUT)/omega \
 		|| (echo "generated code is stale: run 'make proto' and commit" && exit 1)
+
+deploy-secrets: $(STAMP) ## Generate deploy/dev-secrets/ (git-ignored): dev PKI, fleet keys, worker token, passwords
+	PYTHON=$(PY) bash deploy/dev-secrets.sh
+
+deploy-check: $(STAMP) ## Lint deploy/ statically: hadolint on the Dockerfiles, compose schema, deploy tests
+	$(VENV)/bin/hadolint -c deploy/docker/.hadolint.yaml deploy/docker/*.Dockerfile
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec deploy/compose.yaml
+	$(PY) -m pytest tests/deploy
 
 clean: ## Remove caches and build artefacts (keeps .venv and the data cache)
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache
