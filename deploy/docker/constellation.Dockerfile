@@ -17,12 +17,14 @@ LABEL org.opencontainers.image.title="omega-constellation" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.vendor="Exogenesis Omega" \
       org.opencontainers.image.base.name="docker.io/library/python:3.11-slim-bookworm"
-# MALLOC_ARENA_MAX=2: fewer glibc malloc arenas, measured to cut retained memory under
-# hostile load.
+# MALLOC_ARENA_MAX=2 and MALLOC_MMAP_THRESHOLD_=131072: fewer glibc malloc arenas and large
+# blocks handed back when freed; together measured to cut a shard's retained memory under
+# 10,000 hostile requests from +45 MiB to +4..12 MiB (make fuzz), throughput unchanged.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    MALLOC_ARENA_MAX=2
+    MALLOC_ARENA_MAX=2 \
+    MALLOC_MMAP_THRESHOLD_=131072
 
 # Build stage: the project wheel (pyproject.toml) and the wheels of its runtime dependencies
 # (no dev extras, no compiler: every dependency ships a manylinux wheel).

@@ -4,6 +4,10 @@ Without ``--target`` a shard is started as a child process (``python -m omega_co
 on 127.0.0.1 with a database of its own on the Postgres at ``--postgres-url`` (default
 ``$OMEGA_TEST_POSTGRES_URL`` or ``postgresql://postgres@127.0.0.1:5432/postgres``; the embedded
 Postgres when that does not answer); it is stopped and its database dropped at the end.
+It checks credentials (fleet keys made for the run) and the cases carry a seeded mix of
+credentials (`tools.fuzz.credentials`); ``--no-auth`` fuzzes a shard with credentials off.
+Against a running server (``--target``), give its fleet keys with ``--fleet-keys-file`` (or
+``OMEGA_CONSTELLATION_FLEET_KEYS``) to send the mix; without keys the cases carry none.
 
 Exit status: 0 when every check passed, 1 when one failed, 2 on a usage error.
 """
@@ -20,6 +24,8 @@ from pathlib import Path
 
 import asyncpg
 
+from omega_common.auth import FleetKeys
+from tools.fuzz.credentials import CredentialMix
 from tools.fuzz.runner import FuzzConfig, FuzzReport, run_fuzz
 from tools.fuzz.shard import ShardProcess
 
@@ -52,7 +58,30 @@ def _parser() -> argparse.ArgumentParser:
         "--max-request-bytes",
         type=int,
         default=1 << 20,
-        help="with --target: the server's receive limit (1 MiB)",
+        help="with --target: the device listener's receive limit (1 MiB)",
+    )
+    parser.add_argument(
+        "--internal-max-request-bytes",
+        type=int,
+        default=64 << 20,
+        help="with --target: the receive limit of the other targets (64 MiB)",
+    )
+    parser.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="start the shard with credentials off (OMEGA_CONSTELLATION_AUTH=false) and send "
+        "none; with --target: send none",
+    )
+    parser.add_argument(
+        "--fleet-keys-file",
+        type=Path,
+        help="with --target: the server's fleet keys JSON (default: "
+        "$OMEGA_CONSTELLATION_FLEET_KEYS if set), to send the credential mix",
+    )
+    parser.add_argument(
+        "--service-name",
+        default="federation-worker",
+        help="the service the internal listener accepts (federation-worker)",
     )
     parser.add_argument("--postgres-url", help="maintenance DSN for the started shard's database")
     parser.add_argument(
@@ -85,17 +114,37 @@ async def _admin_dsn(explicit: str | None) -> str:
     return dsn
 
 
-async def _main(args: argparse.Namespace) -> FuzzReport:
-    config = FuzzConfig(
+def _target_keys(args: argparse.Namespace) -> FleetKeys | None:
+    """The running server's fleet keys (``--fleet-keys-file`` or the environment), if given."""
+    if args.no_auth:
+        return None
+    if args.fleet_keys_file is not None:
+        return FleetKeys.from_file(args.fleet_keys_file)
+    text = os.environ.get("OMEGA_CONSTELLATION_FLEET_KEYS")
+    return FleetKeys.from_json(text) if text else None
+
+
+def _config(args: argparse.Namespace, keys: FleetKeys | None, targets: list[str]) -> FuzzConfig:
+    mix = (
+        CredentialMix(keys, args.seed, internal_targets=targets[1:], service=args.service_name)
+        if keys is not None
+        else None
+    )
+    return FuzzConfig(
         cases=args.cases,
         seed=args.seed,
         concurrency=args.concurrency,
         time_limit_seconds=args.time_limit,
         services=frozenset(args.services.split(",")) if args.services else None,
+        metadata=mix,
         record=bool(args.case),
         max_replayed=args.max_replayed,
     )
+
+
+async def _main(args: argparse.Namespace) -> FuzzReport:
     if args.target:
+        config = _config(args, _target_keys(args), args.target)
         return await run_fuzz(
             args.target,
             config,
@@ -103,19 +152,27 @@ async def _main(args: argparse.Namespace) -> FuzzReport:
             database_url=args.database_url,
             log_path=args.log,
             max_request_bytes=args.max_request_bytes,
+            internal_max_request_bytes=args.internal_max_request_bytes,
             indices=args.case,
         )
     with tempfile.TemporaryDirectory(prefix="omega-fuzz-") as workdir:
-        shard = await ShardProcess.start(await _admin_dsn(args.postgres_url), Path(workdir))
+        shard = await ShardProcess.start(
+            await _admin_dsn(args.postgres_url), Path(workdir), auth=not args.no_auth
+        )
         try:
-            print(f"shard pid {shard.pid} on {', '.join(shard.targets)}", flush=True)
+            print(
+                f"shard pid {shard.pid} on {', '.join(shard.targets)}, credentials"
+                f" {'on' if shard.keys is not None else 'off'}",
+                flush=True,
+            )
             return await run_fuzz(
                 shard.targets,
-                config,
+                _config(args, shard.keys, shard.targets),
                 pid=shard.pid,
                 database_url=shard.database_url,
                 log_path=shard.log_path,
                 max_request_bytes=shard.max_request_bytes,
+                internal_max_request_bytes=shard.internal_max_request_bytes,
                 indices=args.case,
             )
         finally:
@@ -147,9 +204,17 @@ def main(argv: list[str] | None = None) -> int:
                         {"method": m, "code": c, "count": n}
                         for (m, c), n in sorted(report.statuses.items())
                     ],
+                    "credentials": [
+                        {"credential": k, "code": c, "count": n}
+                        for (k, c), n in sorted(report.credentials.items())
+                    ],
                     "rss_start_bytes": report.rss_start_bytes,
+                    "rss_warmup_cases": report.rss_warmup_cases,
+                    "rss_baseline_bytes": report.rss_baseline_bytes,
+                    "rss_growth_bytes": report.rss_growth_bytes,
                     "rss_end_bytes": report.rss_end_bytes,
                     "rss_peak_bytes": report.rss_peak_bytes,
+                    "rss_samples": report.rss_samples,
                     "failures": report.failures,
                     "examples": report.examples,
                 },

@@ -11,13 +11,14 @@ type in turn, the most hostile value of every field first; the remaining cases a
 - ``bitflip``: the seed's bytes with bits flipped, truncated or spliced;
 - ``bytes-garbage``: every ``bytes`` field (nested ones too) replaced by garbage or zstd bombs;
 - ``huge-repeated``: a repeated field with 10,000 elements;
-- ``oversize``: a request above the server's receive limit.
+- ``oversize``: a request above the receive limit of the listener that serves the method
+  (the device listener's 1 MiB, the internal listener's 64 MiB).
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -343,6 +344,8 @@ class CasePlan:
         classes: Message class by full name (the reflection pool), for nested payloads.
         seed: The run's seed.
         max_request_bytes: The server's receive limit; oversize cases exceed it.
+        limits: Receive limits of listeners whose limit differs (``host:port`` -> bytes):
+            the oversize cases of their methods exceed those instead.
     """
 
     def __init__(
@@ -352,8 +355,10 @@ class CasePlan:
         classes: Callable[[str], type[Message]],
         seed: int,
         max_request_bytes: int,
+        limits: Mapping[str, int] | None = None,
     ) -> None:
         self.rpcs = list(rpcs)
+        self._limits = dict(limits or {})
         self._seeds = seeds
         self._classes = classes
         self._seed = seed
@@ -482,7 +487,8 @@ class CasePlan:
         return _set(expanded, slot, 0, rng), expanded.serialize()
 
     def _oversize(self, rpc: Rpc, index: int, rng: random.Random) -> tuple[str, bytes]:
-        size = self._max_request_bytes + rng.randint(1, 3 << 20)
+        limit = self._limits.get(rpc.target, self._max_request_bytes)
+        size = limit + rng.randint(1, 3 << 20)
         body = b"\x00" * size
         length = size
         varint = bytearray()

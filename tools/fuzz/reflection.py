@@ -32,6 +32,8 @@ class Rpc:
         response: The response message class.
         client_streaming: The client sends a stream of requests.
         server_streaming: The server answers with a stream.
+        also: Other listeners of the same server that list the method too (filled by the
+            runner, which fuzzes a method on the first listener that lists it).
     """
 
     target: str
@@ -40,6 +42,7 @@ class Rpc:
     response: type[Message]
     client_streaming: bool
     server_streaming: bool
+    also: tuple[str, ...] = ()
 
     @property
     def service(self) -> str:

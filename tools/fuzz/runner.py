@@ -2,14 +2,24 @@
 
 Checks (each failure is listed in `FuzzReport.failures`):
 
-1. no answer has status UNKNOWN or INTERNAL (every hostile request is refused cleanly);
+1. no answer has status UNKNOWN or INTERNAL (every hostile request is refused cleanly,
+   whatever credential it carries: UNAUTHENTICATED and PERMISSION_DENIED are answers);
 2. the health service answered SERVING on every listener throughout (polled every second);
-3. the server's resident memory grew by less than ``max_rss_growth_bytes`` after the first
-   ``rss_settle_cases`` cases (when its pid is known; see `FuzzConfig`);
-4. requests that were refused wrote nothing: refused cases are sent again in batches and
-   every table's row count and content digest must be unchanged across a batch in which
-   every case was refused again (when the database is known);
-5. the server logged no stack trace (when its log is known): only INTERNAL errors may log one.
+3. the server's resident memory at the end exceeds its memory after the warm-up (every seed
+   once, then the first ``rss_warmup_cases`` cases) by less than ``max_rss_growth_bytes``
+   (when its pid is known; see `FuzzConfig`);
+4. requests that were refused wrote nothing: refused cases are sent again in batches (with
+   the same credential) and every table's row count and content digest must be unchanged
+   across a batch in which every case was refused again (when the database is known);
+5. the server logged no stack trace (when its log is known): only INTERNAL errors may log one;
+6. a call whose credential must be refused (`Credential.expect`: none, forged, another
+   device's, the wrong kind for the listener) got that refusal, or one that comes before
+   the credential check (a request over the listener's receive limit, bytes that do not
+   parse as the request): any other answer came from behind the check.
+
+With a `MetadataHook` (`tools.fuzz.credentials.CredentialMix` for a server that checks
+credentials) every case carries the credential the hook gives it; the report counts answers
+per credential kind as well as per method.
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -30,15 +40,12 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tools.fuzz.cases import Case, CasePlan
+from tools.fuzz.credentials import NO_CREDENTIAL, Credential, MetadataHook
 from tools.fuzz.reflection import Rpc, discover
 from tools.fuzz.seeds import seed_builders
 from tools.fuzz.shard import database_state, rss_bytes
 
 __all__ = ["FuzzConfig", "FuzzReport", "MetadataHook", "run_fuzz"]
-
-MetadataHook = Callable[[str], Sequence[tuple[str, str]]]
-"""method path -> metadata to send with the call (where a device or service credential will
-go once servers require one)."""
 
 _FORBIDDEN: Final[frozenset[str]] = frozenset({"UNKNOWN", "INTERNAL"})
 _SUBSCRIPTIONS: Final[frozenset[str]] = frozenset({"/grpc.health.v1.Health/Watch"})
@@ -62,20 +69,19 @@ class FuzzConfig:
         call_timeout_seconds: Deadline of one call.
         subscription_timeout_seconds: Deadline of a call to a never-ending stream (Watch).
         health_interval_seconds: Pause between two health polls.
-        max_rss_growth_bytes: Largest accepted growth of the server's resident memory,
-            from the end of the settling cases to the end of the run.
-        rss_settle_cases: Cases sent before the memory baseline (None: half the run). The
-            server's resident memory rises over the first thousands of hostile cases and then
-            holds (the allocator's high-water mark under concurrent large messages, which the
-            internal listener accepts up to 256 MiB; the Python heap itself grows by a few
-            hundred KiB): what must not happen is growth that goes on with the number of
-            requests (a leak, a cache without a bound), so the second part of the run is
-            compared with the first.
+        max_rss_growth_bytes: Largest accepted growth of the server's resident memory, from
+            the end of the warm-up to the end of the run (50 MiB).
+        rss_warmup_cases: Cases sent after the seeds and before the memory baseline (100, at
+            most half the cases run): the first requests of each kind load code paths,
+            caches and pools (the database pool's connections, protobuf and numpy code,
+            gRPC's buffers), which is not growth with the number of requests; everything
+            after them counts, a leak as well as memory the allocator keeps.
         replay_rejected: Send refused cases again to check that they write nothing.
         max_replayed: Most refused cases sent again (a seeded sample when there are more).
         replay_batch: Refused cases per database comparison.
         services: Only fuzz these services (full names); None: every listed service.
-        metadata: Credentials hook (None: no metadata).
+        metadata: The credential of each call (None: none, for a server without credentials;
+            `tools.fuzz.credentials.CredentialMix` for one with).
         record: Keep every case's outcome in `FuzzReport.records` (to reproduce some).
     """
 
@@ -87,7 +93,7 @@ class FuzzConfig:
     subscription_timeout_seconds: float = 0.3
     health_interval_seconds: float = 1.0
     max_rss_growth_bytes: int = 50 << 20
-    rss_settle_cases: int | None = None
+    rss_warmup_cases: int = 100
     replay_rejected: bool = True
     max_replayed: int = 10_000
     replay_batch: int = 25
@@ -103,11 +109,14 @@ class FuzzReport:
     Attributes:
         cases_run: Cases sent (fewer than asked when the time limit was reached).
         statuses: (method path, status code name) -> count.
+        credentials: (credential kind, status code name) -> count (``plain`` without a hook).
         kinds: Case kind -> count.
         failures: Every violated check, one line each.
-        examples: Failing cases (index, kind, method, status, note, details), the first 20.
-        rss_start_bytes: Server memory after the warm-up (0: unknown).
-        rss_settled_bytes: Server memory after the settling cases: the growth baseline.
+        examples: Failing cases (index, kind, credential, method, status, note, details), the
+            first 20.
+        rss_start_bytes: Server memory after every seed was sent once (0: unknown).
+        rss_baseline_bytes: Server memory after the warm-up cases: the growth baseline.
+        rss_warmup_cases: Cases sent before the baseline.
         rss_end_bytes: Server memory at the end (0: unknown).
         rss_peak_bytes: Largest sample.
         rss_samples: (cases answered, server memory in bytes), one per health poll.
@@ -117,6 +126,7 @@ class FuzzReport:
         replay_batches_checked: Batches whose database comparison applied.
         replay_batches_inconclusive: Batches in which some case was accepted on replay.
         tracebacks: Stack traces in the server's log.
+        past_the_check: Calls whose credential must be refused that were answered otherwise.
         seconds: Wall time of the run.
         truncated: The time limit stopped the run early.
         records: Every case's outcome (with ``FuzzConfig.record``).
@@ -125,11 +135,13 @@ class FuzzReport:
 
     cases_run: int = 0
     statuses: Counter[tuple[str, str]] = field(default_factory=Counter)
+    credentials: Counter[tuple[str, str]] = field(default_factory=Counter)
     kinds: Counter[str] = field(default_factory=Counter)
     failures: list[str] = field(default_factory=list)
     examples: list[dict[str, Any]] = field(default_factory=list)
     rss_start_bytes: int = 0
-    rss_settled_bytes: int = 0
+    rss_baseline_bytes: int = 0
+    rss_warmup_cases: int = 0
     rss_end_bytes: int = 0
     rss_peak_bytes: int = 0
     rss_samples: list[tuple[int, int]] = field(default_factory=list)
@@ -139,6 +151,7 @@ class FuzzReport:
     replay_batches_checked: int = 0
     replay_batches_inconclusive: int = 0
     tracebacks: int = 0
+    past_the_check: int = 0
     seconds: float = 0.0
     truncated: bool = False
     records: list[dict[str, Any]] = field(default_factory=list)
@@ -149,29 +162,39 @@ class FuzzReport:
         """No check failed."""
         return not self.failures
 
-    def table(self) -> str:
-        """Status counts per method as a text table."""
-        codes = sorted({c for _, c in self.statuses})
-        methods = sorted({m for m, _ in self.statuses})
-        width = max([len(m) for m in methods] + [6])
-        lines = ["method".ljust(width) + "".join(f"{c:>20}" for c in codes)]
-        for m in methods:
-            lines.append(m.ljust(width) + "".join(f"{self.statuses[m, c]:>20}" for c in codes))
+    @property
+    def rss_growth_bytes(self) -> int:
+        """Server memory at the end minus after the warm-up (0: not measured)."""
+        if not self.rss_baseline_bytes or not self.rss_end_bytes:
+            return 0
+        return self.rss_end_bytes - self.rss_baseline_bytes
+
+    def table(self, by: str = "method") -> str:
+        """Status counts per method (``by="method"``) or per credential kind (``"credential"``)
+        as a text table."""
+        counts = self.statuses if by == "method" else self.credentials
+        codes = sorted({c for _, c in counts})
+        rows = sorted({r for r, _ in counts})
+        width = max([len(r) for r in rows] + [len(by)])
+        cell = max([len(c) for c in codes] + [7]) + 2
+        lines = [by.ljust(width) + "".join(f"{c:>{cell}}" for c in codes)]
+        for r in rows:
+            lines.append(r.ljust(width) + "".join(f"{counts[r, c]:>{cell}}" for c in codes))
         totals = Counter[str]()
-        for (_, c), n in self.statuses.items():
+        for (_, c), n in counts.items():
             totals[c] += n
-        lines.append("total".ljust(width) + "".join(f"{totals[c]:>20}" for c in codes))
+        lines.append("total".ljust(width) + "".join(f"{totals[c]:>{cell}}" for c in codes))
         return "\n".join(lines)
 
     def summary(self) -> str:
         """A human-readable summary: figures, the status table, failures."""
         mib = 1 << 20
-        start, settled = self.rss_start_bytes / mib, self.rss_settled_bytes / mib
+        start, baseline = self.rss_start_bytes / mib, self.rss_baseline_bytes / mib
         end, peak = self.rss_end_bytes / mib, self.rss_peak_bytes / mib
         rss = (
-            f"RSS {start:.1f} MiB at the start, {settled:.1f} after settling, {end:.1f} at the"
-            f" end: growth {end - settled:+.1f} MiB since settling ({end - start:+.1f} in all),"
-            f" peak {peak:.1f} MiB"
+            f"RSS {start:.1f} MiB after the seeds, {baseline:.1f} after"
+            f" {self.rss_warmup_cases} warm-up cases, {end:.1f} at the end, peak {peak:.1f}:"
+            f" growth {end - baseline:+.1f} MiB since the warm-up (peak {peak - baseline:+.1f})"
             if self.rss_start_bytes
             else "RSS not measured (server pid unknown)"
         )
@@ -184,6 +207,8 @@ class FuzzReport:
             f"refused cases replayed: {self.replayed} ({self.replay_batches_checked} batches"
             f" compared, {self.replay_batches_inconclusive} inconclusive)",
             f"stack traces in the server log: {self.tracebacks}",
+            "calls with a credential that must be refused answered from behind the check:"
+            f" {self.past_the_check}",
             "slowest: "
             + ", ".join(
                 f"case {r['index']} {r['method'].rsplit('/', 1)[-1]} {r['status']}"
@@ -193,12 +218,17 @@ class FuzzReport:
             "",
             self.table(),
             "",
+            self.table("credential"),
+            "",
         ]
         if self.failures:
             lines.append(f"FAILED ({len(self.failures)}):")
             lines += [f"  - {f}" for f in self.failures]
             for e in self.examples:
-                lines.append(f"    case {e['index']} [{e['kind']}] {e['method']}: {e['status']}")
+                lines.append(
+                    f"    case {e['index']} [{e['kind']}, {e['credential']}] {e['method']}:"
+                    f" {e['status']}"
+                )
                 lines.append(f"      {e['note'][:200]}")
                 lines.append(f"      details: {e['details'][:200]}")
         else:
@@ -213,26 +243,39 @@ def _check_local(target: str) -> None:
 
 
 class _Runner:
-    def __init__(self, config: FuzzConfig, channels: dict[str, grpc.aio.Channel]) -> None:
+    def __init__(
+        self,
+        config: FuzzConfig,
+        channels: dict[str, grpc.aio.Channel],
+        limits: dict[str, int] | None = None,
+    ) -> None:
         self.config = config
         self.channels = channels
+        self.limits = limits or {}  # receive limit by target
         self.done = 0
 
-    def metadata(self, path: str) -> tuple[tuple[str, str], ...]:
+    def credential(self, path: str, case: Case | None = None) -> Credential:
+        """What a call carries: the hook's credential (`NO_CREDENTIAL` without a hook)."""
         hook = self.config.metadata
-        return tuple(hook(path)) if hook is not None else ()
+        return hook(path, case) if hook is not None else NO_CREDENTIAL
 
-    async def call(self, case: Case) -> tuple[str, str]:
-        """Send one case; returns (status code name, details). Streams are read to the end."""
+    def metadata(self, path: str) -> tuple[tuple[str, str], ...]:
+        """The metadata of one of the fuzzer's own calls (reflection, health, catalog)."""
+        return self.credential(path).metadata
+
+    async def call(self, case: Case) -> tuple[Credential, str, str]:
+        """Send one case; returns (its credential, status code name, details). Streams are
+        read to the end."""
         rpc = case.rpc
-        channel = self.channels[rpc.target]
+        credential = self.credential(rpc.path, case)
+        channel = self.channels[credential.target or rpc.target]
         subscription = rpc.path in _SUBSCRIPTIONS
         timeout = (
             self.config.subscription_timeout_seconds
             if subscription
             else self.config.call_timeout_seconds
         )
-        kwargs: dict[str, Any] = {"timeout": timeout, "metadata": self.metadata(rpc.path)}
+        kwargs: dict[str, Any] = {"timeout": timeout, "metadata": credential.metadata}
         try:
             if rpc.client_streaming and rpc.server_streaming:
                 call = channel.stream_stream(rpc.path)(iter([case.payload]), **kwargs)
@@ -249,9 +292,24 @@ class _Runner:
         except grpc.aio.AioRpcError as exc:
             code = exc.code().name
             if subscription and code == "DEADLINE_EXCEEDED":
-                return "OK", "subscription open until the deadline"
-            return code, str(exc.details() or "")
-        return "OK", ""
+                return credential, "OK", "subscription open until the deadline"
+            return credential, code, str(exc.details() or "")
+        return credential, "OK", ""
+
+    def past_the_check(self, case: Case, credential: Credential, code: str) -> bool:
+        """The answer to a call whose credential must be refused came from behind the check:
+        neither the expected refusal nor one that comes before the check."""
+        if not credential.expect or code in credential.expect or code in _NOT_REFUSED - {"OK"}:
+            return False
+        target = credential.target or case.rpc.target
+        if code == "RESOURCE_EXHAUSTED" and len(case.payload) > self.limits.get(target, 0):
+            return False  # over the receive limit: refused before any interceptor
+        if code == "INVALID_ARGUMENT":
+            try:
+                case.rpc.request.FromString(case.payload)
+            except Exception:  # bytes that do not parse: refused before the check
+                return False
+        return True
 
 
 async def _health_loop(
@@ -280,11 +338,25 @@ async def _health_loop(
             await asyncio.wait_for(stop.wait(), runner.config.health_interval_seconds)
 
 
+@dataclass(frozen=True)
+class _Result:
+    """One case's outcome (without its payload: a run may send gigabytes; rebuild it from
+    the plan and the index)."""
+
+    case: Case
+    size: int
+    credential: str
+    code: str
+    details: str
+    seconds: float
+    past_the_check: bool
+
+
 async def _run_cases(
     runner: _Runner, plan: CasePlan, indices: Sequence[int], deadline: float | None
-) -> tuple[list[tuple[Case, str, str, float]], bool]:
+) -> tuple[list[_Result], bool]:
     """Send the cases ``indices`` with bounded concurrency; (results in order, truncated)."""
-    results: dict[int, tuple[Case, str, str, float]] = {}
+    results: dict[int, _Result] = {}
     queue = list(reversed(indices))
     truncated = False
 
@@ -297,8 +369,13 @@ async def _run_cases(
             index = queue.pop()
             case = plan.case(index)
             began = time.monotonic()
-            code, details = await runner.call(case)
-            results[index] = (case, code, details, time.monotonic() - began)
+            credential, code, details = await runner.call(case)
+            seconds = time.monotonic() - began
+            past = runner.past_the_check(case, credential, code)
+            light = replace(case, payload=b"")
+            results[index] = _Result(
+                light, len(case.payload), credential.kind, code, details, seconds, past
+            )
             runner.done += 1
 
     await asyncio.gather(*(worker() for _ in range(runner.config.concurrency)))
@@ -318,7 +395,7 @@ async def _replay(
         results, _ = await _run_cases(runner, plan, batch, None)
         after = await database_state(dsn)
         report.replayed += len(results)
-        if any(code == "OK" for _, code, _, _ in results):
+        if any(r.code == "OK" for r in results):
             report.replay_batches_inconclusive += 1
             continue
         report.replay_batches_checked += 1
@@ -361,6 +438,7 @@ async def run_fuzz(
     database_url: str | None = None,
     log_path: Path | None = None,
     max_request_bytes: int = 1 << 20,
+    internal_max_request_bytes: int | None = None,
     indices: Sequence[int] | None = None,
 ) -> FuzzReport:
     """Fuzz every RPC the servers at ``targets`` list by reflection, then run the checks.
@@ -374,6 +452,8 @@ async def run_fuzz(
         database_url: The server's database (nothing-written check), if known.
         log_path: The server's log (stack trace check), if known.
         max_request_bytes: The device listener's receive limit (oversize cases exceed it).
+        internal_max_request_bytes: The receive limit of the other listeners (the internal
+            one); None: ``max_request_bytes``.
         indices: Only these cases (to reproduce some); default ``range(config.cases)``.
 
     Returns:
@@ -401,15 +481,23 @@ async def run_fuzz(
                 await channel.close()
                 continue
             channels[target] = channel
-            known = {r.path for r in rpcs}
-            rpcs += [r for r in found if r.path not in known]
+            known = {r.path: i for i, r in enumerate(rpcs)}
+            for r in found:  # fuzzed on the first listener; the others are noted in `also`
+                if r.path in known:
+                    first = rpcs[known[r.path]]
+                    rpcs[known[r.path]] = replace(first, also=(*first.also, target))
+                else:
+                    rpcs.append(r)
             if found:
                 pools.append(found[0].request.DESCRIPTOR.file.pool)
         if not rpcs:
             raise RuntimeError(f"no server answered reflection at {list(targets)}")
         if config.services is not None:
             rpcs = [r for r in rpcs if r.service in config.services]
-        runner = _Runner(config, channels)
+        limits = {t: max_request_bytes for t in targets}
+        for t in targets[1:]:
+            limits[t] = internal_max_request_bytes or max_request_bytes
+        runner = _Runner(config, channels, limits)
         pool = pools[0]
         plan = CasePlan(
             rpcs,
@@ -417,6 +505,9 @@ async def run_fuzz(
             _classes(pool),
             config.seed,
             max_request_bytes,
+            {t: internal_max_request_bytes for t in targets[1:]}
+            if internal_max_request_bytes is not None
+            else None,
         )
         # Warm-up: every seed once (imports, caches, pools), then the first memory figure.
         for rpc in rpcs:
@@ -426,42 +517,45 @@ async def run_fuzz(
         stop = asyncio.Event()
         monitor = asyncio.create_task(_health_loop(runner, report, pid, stop))
         chosen = list(range(config.cases)) if indices is None else list(indices)
-        settle = len(chosen) // 2
-        if config.rss_settle_cases is not None:
-            settle = min(config.rss_settle_cases, settle)
+        warmup = report.rss_warmup_cases = min(config.rss_warmup_cases, len(chosen) // 2)
         deadline = started + config.time_limit_seconds
         try:
-            results, report.truncated = await _run_cases(runner, plan, chosen[:settle], deadline)
+            results, report.truncated = await _run_cases(runner, plan, chosen[:warmup], deadline)
             if pid is not None:
-                report.rss_settled_bytes = rss_bytes(pid)
+                report.rss_baseline_bytes = rss_bytes(pid)
             if not report.truncated:
-                rest, report.truncated = await _run_cases(runner, plan, chosen[settle:], deadline)
+                rest, report.truncated = await _run_cases(runner, plan, chosen[warmup:], deadline)
                 results += rest
         finally:
             stop.set()
             await monitor
         report.cases_run = len(results)
         refused: list[int] = []
-        for case, code, details, seconds in results:
+        for result in results:
+            case, code = result.case, result.code
             report.statuses[case.rpc.path, code] += 1
+            report.credentials[result.credential, code] += 1
             report.kinds[case.kind] += 1
             record = {
                 "index": case.index,
                 "kind": case.kind,
+                "credential": result.credential,
                 "method": case.rpc.path,
                 "status": code,
                 "note": case.note,
-                "details": details,
-                "bytes": len(case.payload),
-                "seconds": round(seconds, 4),
+                "details": result.details,
+                "bytes": result.size,
+                "seconds": round(result.seconds, 4),
             }
             report.slowest = sorted([*report.slowest, record], key=lambda r: -r["seconds"])[:5]
             if config.record:
                 report.records.append(record)
-            if code in _FORBIDDEN:
-                if len(report.examples) < _MAX_EXAMPLES:
-                    report.examples.append(record)
-            elif code not in _NOT_REFUSED:
+            if result.past_the_check:
+                report.past_the_check += 1
+            failed = code in _FORBIDDEN or result.past_the_check
+            if failed and len(report.examples) < _MAX_EXAMPLES:
+                report.examples.append(record)
+            if code not in _FORBIDDEN and code not in _NOT_REFUSED:
                 refused.append(case.index)
         if report.health_failures:
             report.failures.append(
@@ -471,15 +565,20 @@ async def run_fuzz(
         forbidden = sum(n for (_, c), n in report.statuses.items() if c in _FORBIDDEN)
         if forbidden:
             report.failures.append(f"{forbidden} answers with status UNKNOWN or INTERNAL")
+        if report.past_the_check:
+            report.failures.append(
+                f"{report.past_the_check} calls with a credential that must be refused were"
+                " answered from behind the credential check"
+            )
         if pid is not None:
             await asyncio.sleep(0.5)
             report.rss_end_bytes = rss_bytes(pid)
             report.rss_peak_bytes = max(report.rss_peak_bytes, report.rss_end_bytes)
-            growth = report.rss_end_bytes - report.rss_settled_bytes
+            growth = report.rss_growth_bytes
             if growth >= config.max_rss_growth_bytes:
                 report.failures.append(
                     f"server memory grew by {growth / (1 << 20):.1f} MiB after the first"
-                    f" {settle} cases (limit {config.max_rss_growth_bytes / (1 << 20):.0f} MiB)"
+                    f" {warmup} cases (limit {config.max_rss_growth_bytes / (1 << 20):.0f} MiB)"
                 )
         if database_url is not None and config.replay_rejected and refused:
             await _replay(runner, plan, refused, database_url, report)

@@ -137,6 +137,10 @@ def _report_metrics(rng: random.Random, index: int) -> bytes:
     ).SerializeToString()
 
 
+def _forget(rng: random.Random, index: int) -> bytes:
+    return sync_pb2.ForgetDeviceRequest(device_id=f"fuzz-{index}").SerializeToString()
+
+
 def _search(catalog_ids: Sequence[str]) -> SeedBuilder:
     def build(rng: random.Random, index: int) -> bytes:
         return sync_pb2.SearchContentRequest(
@@ -221,6 +225,7 @@ def seed_builders(catalog_ids: Sequence[str]) -> dict[str, SeedBuilder]:
         "/omega.v1.ConstellationSync/FetchModel": _fetch_model,
         "/omega.v1.ConstellationSync/ReportMetrics": _report_metrics,
         "/omega.v1.ConstellationSync/SearchContent": _search(catalog_ids),
+        "/omega.v1.ConstellationSync/ForgetDevice": _forget,
         "/omega.v1.Federation/ExportPatterns": _export,
         "/omega.v1.Federation/PublishRound": _publish(catalog_ids),
         "/grpc.health.v1.Health/Check": _health,

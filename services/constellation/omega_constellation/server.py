@@ -45,6 +45,8 @@ INTERNAL_SERVICES = (_FEDERATION, _SYNC)
 """Services of the internal listener; its service credential may only call `WORKER_METHODS`."""
 WORKER_METHODS = (f"/{_FEDERATION}/", f"/{_SYNC}/FetchEmbeddings")
 """What the federation worker's credential may call on the internal listener."""
+INTERNAL_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+"""Receive limit of the internal listener (a whole model's publish fits several times over)."""
 
 
 @dataclass
@@ -234,9 +236,13 @@ async def start_server(settings: ConstellationSettings) -> RunningServer:
             interceptors=internal_interceptors,
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
             options=[
-                # A round's publish carries the whole model (100K items x 64 factors is 6.4
-                # MB of int8 rows): the internal listener takes large messages.
-                ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+                # A round's publish carries the whole model (100K items x 64 int8 factors
+                # with 12-character ids is 9.5 MB): the internal listener takes large
+                # messages, up to 64 MiB, the worker's own send limit. More only lets requests
+                # hold more of the replica's memory: under 256 MiB, four 200 MiB requests (two
+                # at a time) took it from 117 to 1,161 MiB, 438 MiB still held after; above
+                # the limit a request is refused from its length prefix (+13 MiB peak).
+                ("grpc.max_receive_message_length", INTERNAL_MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", 256 * 1024 * 1024),
                 ("grpc.so_reuseport", 1),
             ],
