@@ -65,9 +65,11 @@ FUZZ_CASES ?= 10000
 FUZZ_SEED ?= 0
 FUZZ_TARGET ?=
 FUZZ_TIME_LIMIT ?= 900
+FUZZ_AUTH ?= true
 
-fuzz: $(STAMP) ## Fuzz a local shard (FUZZ_CASES=10000 FUZZ_SEED=0; FUZZ_TARGET=127.0.0.1:port to use a running one)
+fuzz: $(STAMP) ## Fuzz a local shard with credentials (FUZZ_CASES=10000 FUZZ_SEED=0 FUZZ_AUTH=false: without; FUZZ_TARGET=127.0.0.1:port to use a running one)
 	$(PY) -m tools.fuzz --cases $(FUZZ_CASES) --seed $(FUZZ_SEED) --time-limit $(FUZZ_TIME_LIMIT) \
+		$(if $(filter false,$(FUZZ_AUTH)),--no-auth) \
 		$(if $(FUZZ_TARGET),$(foreach t,$(FUZZ_TARGET),--target $(t)))
 
 define generate_proto
