@@ -14,6 +14,7 @@ database holds (SQL), after a last sync of every device.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -649,3 +650,36 @@ def wait_until(check: Callable[[], bool], timeout_seconds: float, what: str) -> 
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what}: not within {timeout_seconds} s")
         time.sleep(0.01)
+
+
+async def replay_with_faults(
+    fleet: Fleet,
+    *,
+    events: int,
+    pace_seconds: float,
+    faults: int,
+    inject: Callable[[int, int], dict[str, Any]],
+    sync_every: int = 2,
+) -> list[dict[str, Any]]:
+    """Replay the fleet in a thread while ``inject(k, after_syncs)`` causes fault ``k`` (in a
+    thread, spread evenly over the replay); returns the faults' figures.
+
+    Raises:
+        AssertionError: the replay ended before the last fault was over.
+    """
+    total = len(fleet.devices) * (events // sync_every)
+    stop = threading.Event()
+    replay = asyncio.create_task(
+        asyncio.to_thread(fleet.replay, events, sync_every, pace_seconds, stop)
+    )
+    figures: list[dict[str, Any]] = []
+    try:
+        for k in range(faults):
+            after = total * (k + 1) // (faults + 2)
+            figures.append(await asyncio.to_thread(inject, k, after))
+        assert not replay.done(), "the replay ended before the last fault was over"
+        await replay
+    finally:
+        stop.set()
+        await asyncio.gather(replay, return_exceptions=True)
+    return figures

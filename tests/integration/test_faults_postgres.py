@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,6 +27,7 @@ from .fault_support import (
     ShardProcesses,
     check_fleet,
     during,
+    replay_with_faults,
     shard_catalog,
     summarize,
     wait_until,
@@ -87,28 +87,13 @@ async def run_outage_scenario(
         catalog = await asyncio.to_thread(shard_catalog, shard)
         fleet = Fleet(shard, catalog, tmp_path / "devices", devices, seed=2)
         try:
-            sync_every = 2
-            total = devices * (events // sync_every)
-            stop = threading.Event()
-            replay = asyncio.create_task(
-                asyncio.to_thread(fleet.replay, events, sync_every, pace_seconds, stop)
+            faults = await replay_with_faults(
+                fleet,
+                events=events,
+                pace_seconds=pace_seconds,
+                faults=outages,
+                inject=lambda k, after: outage(pg, fleet, after_syncs=after, down_seconds=3.0),
             )
-            faults = []
-            try:
-                for k in range(outages):
-                    fault = await asyncio.to_thread(
-                        outage,
-                        pg,
-                        fleet,
-                        after_syncs=total * (k + 1) // (outages + 2),
-                        down_seconds=3.0,
-                    )
-                    faults.append(fault)
-                assert not replay.done(), "the replay ended before the database came back"
-                await replay
-            finally:
-                stop.set()
-                await asyncio.gather(replay, return_exceptions=True)
             figures = summarize(fleet)
             overlaps = [during(fleet, f["window"]) for f in faults]
             finish = await asyncio.to_thread(fleet.finish)

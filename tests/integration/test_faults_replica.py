@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -28,6 +27,7 @@ from .fault_support import (
     ShardProcesses,
     check_fleet,
     during,
+    replay_with_faults,
     shard_catalog,
     summarize,
     wait_until,
@@ -111,29 +111,15 @@ async def run_kill_scenario(
         catalog = await asyncio.to_thread(shard_catalog, shard)
         fleet = Fleet(shard, catalog, tmp_path / "devices", devices, seed=1)
         try:
-            sync_every = 2
-            total = devices * (events // sync_every)
-            stop = threading.Event()
-            replay = asyncio.create_task(
-                asyncio.to_thread(fleet.replay, events, sync_every, pace_seconds, stop)
+            faults = await replay_with_faults(
+                fleet,
+                events=events,
+                pace_seconds=pace_seconds,
+                faults=kills,
+                inject=lambda k, after: kill_and_restart(
+                    shard, fleet, k % 2, after_syncs=after, down_seconds=1.5
+                ),
             )
-            faults = []
-            try:
-                for k in range(kills):
-                    fault = await asyncio.to_thread(
-                        kill_and_restart,
-                        shard,
-                        fleet,
-                        k % 2,
-                        after_syncs=total * (k + 1) // (kills + 2),
-                        down_seconds=1.5,
-                    )
-                    faults.append(fault)
-                assert not replay.done(), "the replay ended before the last restart"
-                await replay
-            finally:
-                stop.set()
-                await asyncio.gather(replay, return_exceptions=True)
             overlaps = [during(fleet, f["window"], f["replica"]) for f in faults]
             figures = summarize(fleet)
             finish = await asyncio.to_thread(fleet.finish)
