@@ -734,6 +734,11 @@ class Brain:
         replaces the stored one. On any failure nothing advances and the same delta (plus
         newer changes) is sent next time.
 
+        Pace: every answer may ask for a pause before the next sync (``next_sync_after_ms``,
+        kept as ``next_sync_at_ms``); with `BrainConfig.honour_sync_pace` a call made earlier
+        sends nothing and returns ``paced=True`` (``ok`` False, ``attempts`` 0, nothing
+        counted as failed). Firmware schedules its next call at ``next_sync_at_ms``.
+
         A reply with ``redirect_shard_id`` is not applied: the result has ``ok=False`` and
         ``redirect_shard_id`` set, and the caller re-routes (e.g. a new transport).
 
@@ -756,6 +761,9 @@ class Brain:
         transport = self._require_transport()
         cfg = self._config
         with self._sync_lock:
+            paced = self._paced_result()
+            if paced is not None:
+                return paced
             if not self._state["server_version_known"] and self._state["local_version"] > 0:
                 failed = self._learn_server_version(transport)
                 if failed is not None:
@@ -828,7 +836,34 @@ class Brain:
                     model_rows_received=fetched_rows,
                     model_bytes_down=model_bytes,
                     model_error=model_error,
+                    next_sync_at_ms=self._state["next_sync_at_ms"],
                 )
+
+    def _paced_result(self) -> SyncResult | None:
+        """The result of a call made before the shard's requested time, else None."""
+        with self._lock:
+            self._check_open()
+            due = int(self._state["next_sync_at_ms"])
+            if not self._config.honour_sync_pace or due <= 0:
+                return None
+            wait_ms = due - self._now_ms()
+            if wait_ms <= 0 or wait_ms > self._config.max_sync_pause_seconds * 1000.0:
+                return None  # due, or a clock that went backwards: sync now
+            return SyncResult(
+                ok=False,
+                attempts=0,
+                bytes_up=0,
+                bytes_down=0,
+                latency_seconds=0.0,
+                acknowledged_version=self._state["acked_version"],
+                global_version=self._state["global_version"],
+                patterns_sent=0,
+                global_patterns_received=0,
+                error=f"paced: the shard asked for the next sync in {wait_ms} ms",
+                model_version=self._state["model_version"],
+                paced=True,
+                next_sync_at_ms=due,
+            )
 
     def forget(self) -> bool:
         """Right to be forgotten: erase this device's data on its shard, then on the device.
@@ -1258,6 +1293,7 @@ class Brain:
                 redirect_shard_id=redirect,
                 model_version=self._state["model_version"],
                 model_update_sent=sent.model_update_version is not None,
+                next_sync_at_ms=self._state["next_sync_at_ms"],
             )
 
     # ------------------------------------------------------------------ stats & lifecycle

@@ -108,6 +108,15 @@ class BrainConfig:
     1e-4 (2e-3 with 10 attempts), so a restart does not fail syncs."""
     timeout_seconds: float = 5.0
     """Deadline of one RPC attempt."""
+    honour_sync_pace: bool = True
+    """sync(): a call made before the time the shard's last answer asked for
+    (``next_sync_after_ms``, kept as `BrainStats.next_sync_at_ms`) sends nothing and returns
+    ``ok=False``, ``attempts=0``, ``paced=True``. The shard stretches the pause under load, so
+    honouring it is how a fleet backs off together. False: every call is sent (replays that
+    compress time, tests)."""
+    max_sync_pause_seconds: float = 6 * 3600.0
+    """sync(): a recorded pause still longer than this is taken for a clock that jumped
+    backwards and ignored (the call is sent), so a skewed clock cannot silence a device."""
     max_global_payload_bytes: int = 4 << 20
     """Refuse global-pattern payloads that decompress to more than this (zstd bombs)."""
     catalog_page_size: int = 500
@@ -147,6 +156,9 @@ class BrainConfig:
         _check_range("max_backoff_seconds", self.max_backoff_seconds, 0.0, 3600.0)
         _check_range("retry_budget_seconds", self.retry_budget_seconds, 0.0, 86400.0)
         _check_range("timeout_seconds", self.timeout_seconds, 0.0, 3600.0, low_open=True)
+        if not isinstance(self.honour_sync_pace, bool):
+            raise ValueError("honour_sync_pace must be a bool")
+        _check_range("max_sync_pause_seconds", self.max_sync_pause_seconds, 0.0, 30 * 86400.0)
         _check_int("max_global_payload_bytes", self.max_global_payload_bytes, 1, 1 << 31)
         _check_int("catalog_page_size", self.catalog_page_size, 1, 100_000)
         _check_int(

@@ -73,6 +73,10 @@ class SyncResult:
             in bytes (not included in ``bytes_down``).
         model_error: why fetching the model failed (the sync itself still succeeded; the
             fetch is tried again at the next sync), else None.
+        paced: the call was made before the time the shard asked for and nothing was sent
+            (``ok`` False, ``attempts`` 0; see `BrainConfig.honour_sync_pace`).
+        next_sync_at_ms: when the shard asked this device to sync next, ms since the epoch
+            (0: no request); call `Brain.sync` again at or after it.
     """
 
     ok: bool
@@ -92,6 +96,8 @@ class SyncResult:
     model_rows_received: int = 0
     model_bytes_down: int = 0
     model_error: str | None = None
+    paced: bool = False
+    next_sync_at_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -381,7 +381,7 @@ class Fleet:
             path = work_dir / f"{device_id}.sqlite"
             brain = Brain(
                 device_id,
-                BrainConfig(store_path=path, **(config or {})),
+                BrainConfig(store_path=path, honour_sync_pace=False, **(config or {})),
                 transport=transport,
                 catalog=catalog,
             )

@@ -25,11 +25,13 @@ async def test_brain_sync_lands_in_postgres_and_retries_are_idempotent(
         fetched = await asyncio.to_thread(fetch_catalog, transport)
         assert len(fetched.content_ids) == 50
         catalog = CatalogIndex(fetched.content_ids, fetched.embeddings)
+        now = [EVENING / 1000 + 3600.0]
         brain = Brain(
             "tv-living-room",
             BrainConfig(store_path=tmp_path / "brain.sqlite"),
             transport=transport,
             catalog=catalog,
+            clock=lambda: now[0],
         )
         for i, content in enumerate(["c0001", "c0002", "c0003"]):
             brain.observe(ViewingEvent(content, EVENING + i * 60_000, completion=1.0))
@@ -37,8 +39,15 @@ async def test_brain_sync_lands_in_postgres_and_retries_are_idempotent(
         assert result.ok, result.error
         assert result.acknowledged_version == 3 and result.server_pattern_count == 1
         assert 0 < result.bytes_up <= 1024  # one viewing session: <= 1 KB up
-        again = await asyncio.to_thread(brain.sync)  # nothing new: a pull-only sync
-        assert again.ok and again.patterns_sent == 0
+        # The shard asked for a pause (its pace: 300 s +-20%); an earlier call sends nothing.
+        pause_ms = result.next_sync_at_ms - round(now[0] * 1000)
+        assert 240_000 <= pause_ms <= 360_000
+        early = await asyncio.to_thread(brain.sync)
+        assert early.paced and not early.ok and early.attempts == 0 and early.bytes_up == 0
+        assert brain.stats().syncs_failed == 0  # a paced call is not a failure
+        now[0] += pause_ms / 1000
+        again = await asyncio.to_thread(brain.sync)  # due, nothing new: a pull-only sync
+        assert again.ok and again.patterns_sent == 0 and not again.paced
         recs = brain.recommend(5, timestamp_ms=EVENING)
         assert len(recs) == 5 and not {"c0001", "c0002", "c0003"} & {r.content_id for r in recs}
         brain.close()

@@ -26,6 +26,7 @@ pytestmark = pytest.mark.integration
 
 N_ITEMS = 40
 EVENING = 1_795_300_000_000  # a Tuesday, 19:06 UTC
+UNPACED = BrainConfig(honour_sync_pace=False)  # rounds run back to back, not at the pace
 
 
 def _genre_catalog(path: Path) -> list[str]:
@@ -79,12 +80,17 @@ async def test_federated_model_learns_planted_co_watching(
         fleet = []
         watches: list[list[int]] = []
         for u in range(60):
-            brain = Brain(f"tv-{u}", BrainConfig(), transport=transport, catalog=catalog)
+            brain = Brain(f"tv-{u}", UNPACED, transport=transport, catalog=catalog)
             cluster = range(0, 20) if u % 2 == 0 else range(20, 40)
             watches.append([int(i) for i in rng.choice(list(cluster), size=8, replace=False)])
             _watch(brain, watches[-1])
             fleet.append(brain)
-        probe = Brain("tv-probe", BrainConfig(mmr_lambda=1.0), transport=transport, catalog=catalog)
+        probe = Brain(
+            "tv-probe",
+            BrainConfig(mmr_lambda=1.0, honour_sync_pace=False),
+            transport=transport,
+            catalog=catalog,
+        )
         watches.append([0, 2, 4])
         _watch(probe, watches[-1])
         devices = [*fleet, probe]

@@ -104,7 +104,7 @@ class Fixture:
             device = f"tv-fed-{i}"
             brain = Brain(
                 device,
-                BrainConfig(max_attempts=3, retry_budget_seconds=2.0),
+                BrainConfig(max_attempts=3, retry_budget_seconds=2.0, honour_sync_pace=False),
                 transport=transports[shard_for(device, SHARDS)],
                 catalog=catalog,
             )

@@ -86,6 +86,7 @@ def make_brain(shard: RunningServer, tmp_path: Path, device: str) -> tuple[Brain
             max_attempts=2,
             base_backoff_seconds=0.01,
             retry_budget_seconds=1.0,
+            honour_sync_pace=False,  # replays sync back to back
         ),
         transport=transport,
         catalog=CatalogIndex(fetched.content_ids, fetched.embeddings),

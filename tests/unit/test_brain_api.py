@@ -143,6 +143,8 @@ def test_sync_error_from_bare_rpc_error() -> None:
         {"utc_offset_minutes": 24 * 60},
         {"hnsw_m": True},
         {"ef_search": 12.5},
+        {"honour_sync_pace": 1},
+        {"max_sync_pause_seconds": -1.0},
     ],
 )
 def test_config_rejects_out_of_range(overrides: dict[str, object]) -> None:

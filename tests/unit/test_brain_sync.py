@@ -692,6 +692,57 @@ def test_the_shard_s_pace_is_kept_for_the_host(catalog: CatalogIndex) -> None:
         assert brain.stats().next_sync_at_ms == 1_000_000 + 300_000
 
 
+def test_a_call_before_the_shard_s_pace_sends_nothing(catalog: CatalogIndex) -> None:
+    shard = FakeShard()
+    paced = lambda r: sync_pb2.SyncPatternsResponse(  # noqa: E731
+        acknowledged_version=r.local_version, next_sync_after_ms=300_000
+    )
+    shard.script = [paced, paced]
+    now = [1000.0]
+    with Brain("tv-1", FAST, transport=shard, catalog=catalog, clock=lambda: now[0]) as brain:
+        session(brain, [1])
+        first = brain.sync()
+        assert first.ok and first.next_sync_at_ms == 1_300_000
+        session(brain, [2])
+        now[0] = 1299.9  # 100 ms early
+        early = brain.sync()
+        assert early.paced and not early.ok and early.attempts == 0
+        assert early.next_sync_at_ms == 1_300_000 and "100 ms" in (early.error or "")
+        assert len(shard.requests) == 1 and brain.stats().syncs_failed == 0
+        now[0] = 1300.0  # due: the new viewing goes out
+        due = brain.sync()
+        assert due.ok and not due.paced and due.patterns_sent > 0 and len(shard.requests) == 2
+
+
+def test_a_clock_that_jumped_back_does_not_silence_the_device(catalog: CatalogIndex) -> None:
+    shard = FakeShard()
+    shard.script = [
+        lambda r: sync_pb2.SyncPatternsResponse(
+            acknowledged_version=r.local_version, next_sync_after_ms=300_000
+        )
+    ]
+    now = [1_000_000.0]
+    with Brain("tv-1", FAST, transport=shard, catalog=catalog, clock=lambda: now[0]) as brain:
+        session(brain, [1])
+        assert brain.sync().ok
+        now[0] -= 7 * 3600  # the clock went back 7 h: the 5 min pause now looks like 7 h
+        assert brain.sync().ok  # longer than max_sync_pause_seconds (6 h): sent anyway
+
+
+def test_pacing_can_be_turned_off_for_replays(catalog: CatalogIndex) -> None:
+    shard = FakeShard()
+    paced = lambda r: sync_pb2.SyncPatternsResponse(  # noqa: E731
+        acknowledged_version=r.local_version, next_sync_after_ms=300_000
+    )
+    shard.script = [paced, paced]
+    config = dataclasses.replace(FAST, honour_sync_pace=False)
+    with Brain("tv-1", config, transport=shard, catalog=catalog, clock=lambda: 1000.0) as brain:
+        session(brain, [1])
+        assert brain.sync().ok
+        session(brain, [2])
+        assert brain.sync().ok and len(shard.requests) == 2
+
+
 def test_a_lost_reply_is_settled_before_newer_changes(catalog: CatalogIndex) -> None:
     # The shard applied version 2 but its answer was lost; two more viewings follow. The
     # next sync sends version 2 again unchanged (a duplicate for the shard), then version 4

@@ -168,7 +168,9 @@ def replay_movielens(
             fetched.content_ids, fetched.embeddings, titles=fetched.titles, genres=fetched.genres
         )
         progress(f"catalog: {len(catalog)} items fetched from {shard_ids[0]}")
-        base_config = dataclasses.replace(BrainConfig(), **settings.brain)
+        # The replay compresses weeks of viewing into minutes: a device syncs after each
+        # session, not at the shard's pace (honour_sync_pace would refuse most calls).
+        base_config = dataclasses.replace(BrainConfig(honour_sync_pace=False), **settings.brain)
         devices: list[Device] = []
         for uid in user_ids:
             device_id = f"ml100k-user-{uid}"
