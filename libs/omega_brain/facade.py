@@ -4,11 +4,16 @@ Requests are JSON objects with an ``op`` and its parameters:
 
 * ``{"op": "init", "device_id": str, "store_path": str = ":memory:", "target": str | null,
   "credential": str | null, "ca_file": str | null, "plaintext": bool = false,
-  "config": {BrainConfig field: value, ...}}``: opens (or reopens) the brain; a previous one
-  is shut down first. ``target`` is the shard's gRPC address; without it the brain is offline.
-  ``credential`` is the device's token (``omega-constellation issue-token``), ``ca_file`` a
-  PEM file of the CA the shard's certificate chains to (default: the system's roots);
-  ``plaintext`` turns TLS off (tests only).
+  "catalog_file": str | null, "config": {BrainConfig field: value, ...}}``: opens (or
+  reopens) the brain; a previous one is shut down first. ``target`` is the shard's gRPC
+  address; without it the brain is offline. ``credential`` is the device's token
+  (``omega-constellation issue-token``), ``ca_file`` a PEM file of the CA the shard's
+  certificate chains to (default: the system's roots); ``plaintext`` turns TLS off (tests
+  only). ``catalog_file`` is an ``.npz`` catalog loaded into the new brain and persisted in
+  its store (`Brain.load_catalog`), for brains without a shard; see `read_catalog_file` for
+  its arrays. The reply is ``{"device_id": str, "catalog_size": int}``. A failed init keeps
+  the previous brain when its parameters, ``config`` or ``catalog_file`` are refused, and
+  leaves none open when opening fails later.
 * ``{"op": "recommend", "k": int = 10, "timestamp_ms": int | null, "use_global": bool = true,
   "exclude_watched": bool = true}`` -> ``{"items": [{"content_id", "title", "score",
   "reasons"}]}``.
@@ -21,15 +26,36 @@ Requests are JSON objects with an ``op`` and its parameters:
   then on the device (`Brain.forget`).
 * ``{"op": "shutdown"}``: closes the brain (and the gRPC channel it opened).
 
-Every reply is ``{"ok": true, ...}`` or ``{"ok": false, "error": {"type": ..., "message":
-...}}`` where ``type`` is a `BrainError` class name, ``"InvalidRequest"`` (bad JSON, unknown op,
-wrong parameter types), ``"NotInitialized"`` or ``"InternalError"``.
+Every reply is ``{"ok": true, ...}`` or ``{"ok": false, "error": {"type": str, "code": int,
+"message": str}}`` where ``type`` is a `BrainError` class name, ``"InvalidRequest"`` (bad JSON,
+unknown op, wrong parameter types), ``"NotInitialized"`` or ``"InternalError"``, and ``code``
+is the stable `ErrorCode` of that type, for callers that branch on integers:
+
+==  ===============  =================================================================
+0   OK               never sent in an error; "no error" for callers that keep a status
+1   INVALID_REQUEST  ``InvalidRequest`` (bad JSON, line too long, not UTF-8, unknown op,
+                     missing or wrong-typed parameter, bad ``config``) and
+                     ``InvalidArgumentError``
+2   NOT_INITIALIZED  ``NotInitialized``: an op other than init/shutdown before init
+3   INVALID_EVENT    ``InvalidEventError``: an observe the brain cannot learn from
+4   UNKNOWN_CONTENT  ``UnknownContentError``: a content id not in the catalog
+5   CATALOG_ERROR    ``CatalogError``: an unusable catalog (or ``catalog_file``)
+6   SYNC_ERROR       ``SyncError``: a call to the shard failed (also a sync with ``ok`` false)
+7   STORE_ERROR      ``StoreError``: the local store cannot be opened, read or written
+8   INTERNAL_ERROR   ``InternalError``: a bug; the message names the exception
+9   BRAIN_ERROR      any other `BrainError`, e.g. sync on a brain opened without ``target``
+==  ===============  =================================================================
+
+Codes are never renumbered; new ones are only added. The machine-readable contract of every
+request and reply is ``protocol.schema.json`` beside this module (JSON Schema 2020-12), and
+``omega-brain serve`` (`omega_brain.server`) carries these strings over a Unix socket or stdio.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import json
 import math
 import threading
@@ -37,19 +63,57 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from omega_brain.brain import Brain
 from omega_brain.catalog import CatalogIndex
 from omega_brain.config import BrainConfig
-from omega_brain.errors import BrainError
+from omega_brain.errors import (
+    BrainError,
+    CatalogError,
+    InvalidArgumentError,
+    InvalidEventError,
+    StoreError,
+    SyncError,
+    UnknownContentError,
+)
 from omega_brain.models import ViewingEvent
 from omega_brain.transport import GrpcTransport, SyncTransport
 
-__all__ = ["MAX_REQUEST_CHARS", "JsonBrain"]
+__all__ = ["MAX_REQUEST_CHARS", "ErrorCode", "JsonBrain", "error_reply", "read_catalog_file"]
 
 MAX_REQUEST_CHARS = 1 << 20
 """Longer requests are refused without parsing (1 MiB characters)."""
 
 _MAX_K = 1000
+
+
+class ErrorCode(enum.IntEnum):
+    """The stable integer ``code`` of an error reply (see the module docstring's table)."""
+
+    OK = 0
+    INVALID_REQUEST = 1
+    NOT_INITIALIZED = 2
+    INVALID_EVENT = 3
+    UNKNOWN_CONTENT = 4
+    CATALOG_ERROR = 5
+    SYNC_ERROR = 6
+    STORE_ERROR = 7
+    INTERNAL_ERROR = 8
+    BRAIN_ERROR = 9
+
+
+# Most specific first: InvalidEventError is an InvalidArgumentError, everything a BrainError.
+_BRAIN_ERROR_CODES: tuple[tuple[type[BrainError], ErrorCode], ...] = (
+    (InvalidEventError, ErrorCode.INVALID_EVENT),
+    (InvalidArgumentError, ErrorCode.INVALID_REQUEST),
+    (UnknownContentError, ErrorCode.UNKNOWN_CONTENT),
+    (CatalogError, ErrorCode.CATALOG_ERROR),
+    (SyncError, ErrorCode.SYNC_ERROR),
+    (StoreError, ErrorCode.STORE_ERROR),
+    (BrainError, ErrorCode.BRAIN_ERROR),
+)
 
 
 class _RequestError(Exception):
@@ -89,13 +153,15 @@ class JsonBrain:
                 reply = self._dispatch(request_json)
             return json.dumps({"ok": True, **reply}, allow_nan=False)
         except _RequestError as exc:
-            return _error("InvalidRequest", str(exc))
+            return error_reply("InvalidRequest", ErrorCode.INVALID_REQUEST, str(exc))
         except _NotInitializedError as exc:
-            return _error("NotInitialized", str(exc))
+            return error_reply("NotInitialized", ErrorCode.NOT_INITIALIZED, str(exc))
         except BrainError as exc:
-            return _error(type(exc).__name__, str(exc))
+            return error_reply(type(exc).__name__, _code_of(exc), str(exc))
         except Exception as exc:  # the facade's contract: report, never raise
-            return _error("InternalError", f"{type(exc).__name__}: {exc}")
+            return error_reply(
+                "InternalError", ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"
+            )
 
     def _dispatch(self, request_json: object) -> dict[str, Any]:
         if isinstance(request_json, bytes | bytearray):
@@ -151,6 +217,8 @@ class JsonBrain:
                 raise _RequestError(f"cannot read ca_file: {exc.strerror}") from None
         if _param(req, "plaintext", bool, False):
             security["plaintext"] = True
+        catalog_file = _param(req, "catalog_file", str, None, nullable=True)
+        catalog_data = read_catalog_file(catalog_file) if catalog_file is not None else None
         self._shutdown({})
         transport = self._transport_factory(target, **security) if target else None
         try:
@@ -160,6 +228,13 @@ class JsonBrain:
         except BaseException:
             _close_transport(transport)
             raise
+        if catalog_data is not None:
+            try:
+                brain.load_catalog(*catalog_data)
+            except BaseException:
+                brain.close()
+                _close_transport(transport)
+                raise
         self._brain, self._transport = brain, transport
         catalog = brain.catalog
         return {"device_id": device_id, "catalog_size": len(catalog) if catalog else 0}
@@ -208,13 +283,15 @@ class JsonBrain:
             try:
                 reply["catalog_size"] = brain.fetch_catalog()
             except BrainError as exc:
-                reply["catalog_error"] = {"type": type(exc).__name__, "message": str(exc)}
+                reply["catalog_error"] = _error_fields(type(exc).__name__, _code_of(exc), str(exc))
         result = brain.sync()
         fields = dataclasses.asdict(result)
         fields["latency_seconds"] = _finite_or_zero(result.latency_seconds)
         reply.update(ok=result.ok, result=fields)
         if not result.ok:
-            reply["error"] = {"type": "SyncError", "message": result.error or "sync failed"}
+            reply["error"] = _error_fields(
+                "SyncError", ErrorCode.SYNC_ERROR, result.error or "sync failed"
+            )
         return reply
 
     def _forget(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -291,5 +368,75 @@ def _close_transport(transport: object) -> None:
             close()
 
 
-def _error(kind: str, message: str) -> str:
-    return json.dumps({"ok": False, "error": {"type": kind, "message": message[:2000]}})
+def read_catalog_file(
+    path: str,
+) -> tuple[list[str], npt.NDArray[np.float32], list[str] | None, list[list[str]] | None]:
+    """Read an ``.npz`` catalog for `Brain.load_catalog` (the ``catalog_file`` of ``init``).
+
+    The file holds ``content_ids``: (n,) str; ``embeddings``: (n, 384) float16/32/64; and
+    optionally ``titles``: (n,) str and ``genres``: (n,) str, each item's genres joined by
+    ``"|"``. Written e.g. by ``np.savez(path, content_ids=np.array(ids), embeddings=x)``.
+    Object arrays (pickles) are refused.
+
+    Args:
+        path: the file.
+
+    Returns:
+        ``(content_ids, embeddings, titles or None, genres or None)``.
+
+    Raises:
+        CatalogError: the file cannot be read, is not such an ``.npz``, or its arrays have
+            the wrong kinds or lengths (shapes and values are checked by `load_catalog`).
+    """
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+    except OSError as exc:
+        raise CatalogError(f"cannot read catalog_file: {exc.strerror or exc}") from None
+    except Exception as exc:  # zipfile/numpy raise many kinds on a file that is not an .npz
+        # numpy's own message about pickles would invite loading the file unsafely: not shown.
+        raise CatalogError(
+            f"catalog_file is not an .npz of plain arrays ({type(exc).__name__})"
+        ) from None
+    if "content_ids" not in arrays or "embeddings" not in arrays:
+        raise CatalogError("catalog_file needs the arrays 'content_ids' and 'embeddings'")
+    texts: dict[str, list[str]] = {}
+    for name in ("content_ids", "titles", "genres"):
+        if name in arrays:
+            column = arrays[name]
+            if column.dtype.kind != "U" or column.ndim != 1:
+                raise CatalogError(f"catalog_file array {name!r} must be a 1-D str array")
+            texts[name] = [str(v) for v in column]
+    ids = texts["content_ids"]
+    for name in ("titles", "genres"):
+        if name in texts and len(texts[name]) != len(ids):
+            raise CatalogError(f"catalog_file array {name!r} must have one entry per content id")
+    x = arrays["embeddings"]
+    if x.dtype.kind != "f":
+        raise CatalogError("catalog_file array 'embeddings' must be floats")
+    genres = None
+    if "genres" in texts:
+        genres = [[g for g in v.split("|") if g] for v in texts["genres"]]
+    return ids, x.astype(np.float32, copy=False), texts.get("titles"), genres
+
+
+def error_reply(kind: str, code: int, message: str) -> str:
+    """An ``{"ok": false, "error": {...}}`` reply as a JSON string (message cut at 2000 chars).
+
+    Args:
+        kind: the error ``type``, e.g. ``"InvalidRequest"``.
+        code: its `ErrorCode`.
+        message: what went wrong, for humans.
+    """
+    return json.dumps({"ok": False, "error": _error_fields(kind, code, message)})
+
+
+def _error_fields(kind: str, code: int, message: str) -> dict[str, Any]:
+    return {"type": kind, "code": int(code), "message": message[:2000]}
+
+
+def _code_of(exc: BrainError) -> ErrorCode:
+    for cls, code in _BRAIN_ERROR_CODES:
+        if isinstance(exc, cls):
+            return code
+    return ErrorCode.BRAIN_ERROR

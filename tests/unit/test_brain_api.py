@@ -245,7 +245,11 @@ def test_facade_ops_before_init(shared_catalog: CatalogIndex) -> None:
     for op in ("recommend", "observe", "sync", "stats"):
         reply = call(facade, {"op": op})
         assert reply["ok"] is False
-        assert reply["error"] == {"type": "NotInitialized", "message": "call init first"}
+        assert reply["error"] == {
+            "type": "NotInitialized",
+            "code": 2,
+            "message": "call init first",
+        }
     assert call(facade, {"op": "shutdown"}) == {"ok": True}
 
 
