@@ -4,9 +4,20 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-__all__ = ["CUMULATIVE_EPSILON", "PATTERNS_EXPORTED", "ROUNDS", "ROUND_SECONDS"]
+__all__ = [
+    "CUMULATIVE_EPSILON",
+    "LAST_SUCCESS",
+    "MODEL_EPSILON",
+    "MODEL_EPSILON_BUDGET",
+    "PATTERNS_EXPORTED",
+    "ROUNDS",
+    "ROUND_INTERVAL",
+    "ROUND_SECONDS",
+]
 
 ROUNDS = Counter("omega_federation_rounds_total", "Rounds by outcome.", ["status"])
+for _status in ("published", "resumed", "failed"):
+    ROUNDS.labels(_status)  # exported as 0 from the start, so increase() sees the first one
 ROUND_SECONDS = Histogram(
     "omega_federation_round_duration_seconds",
     "Wall time of a published round, in seconds.",
@@ -17,4 +28,20 @@ PATTERNS_EXPORTED = Counter(
 )
 CUMULATIVE_EPSILON = Gauge(
     "omega_federation_cumulative_epsilon", "Differential privacy epsilon spent over all rounds."
+)
+LAST_SUCCESS = Gauge(
+    "omega_federation_last_success_timestamp_seconds",
+    "Unix time of the last round published or resumed by the periodic worker, in seconds.",
+)
+ROUND_INTERVAL = Gauge(
+    "omega_federation_round_interval_seconds",
+    "Configured time between round starts of the periodic worker, in seconds.",
+)
+MODEL_EPSILON = Gauge(
+    "omega_federation_model_cumulative_epsilon",
+    "Differential privacy epsilon the collaborative model's ledger has spent, all rounds.",
+)
+MODEL_EPSILON_BUDGET = Gauge(
+    "omega_federation_model_epsilon_budget",
+    "Cumulative epsilon the collaborative model's ledger may spend (+Inf: no limit).",
 )

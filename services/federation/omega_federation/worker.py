@@ -400,6 +400,9 @@ async def _new_round(
     metrics.ROUNDS.labels("published").inc()
     metrics.ROUND_SECONDS.observe(seconds)
     metrics.CUMULATIVE_EPSILON.set(accountant.cumulative_epsilon)
+    if model_state.ledger is not None:
+        metrics.MODEL_EPSILON.set(model_state.ledger.epsilon)
+        metrics.MODEL_EPSILON_BUDGET.set(model_state.ledger.epsilon_budget)
     _log.info(
         "round_published",
         round=round_id,
@@ -551,11 +554,14 @@ async def run_periodic(
     A failed round (a shard down) is logged and retried at the next tick.
     """
     published = 0
+    metrics.ROUND_INTERVAL.set(settings.interval_seconds)
     while not stop.is_set():
         tick = time.monotonic()
         try:
             report = await run_round(settings, state, channels)
-            published += report.status in ("published", "resumed")
+            if report.status in ("published", "resumed"):
+                published += 1
+                metrics.LAST_SUCCESS.set_to_current_time()
         except UnavailableError as exc:
             metrics.ROUNDS.labels("failed").inc()
             _log.warning("round_failed", error=str(exc))
