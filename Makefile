@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PROTO_FILES := $(wildcard proto/omega/v1/*.proto)
 PROTO_OUT := libs/omega_protocol
 
-.PHONY: help setup run data test test-unit test-integration chaos lint format typecheck proto proto-check bench bench-quality bench-recommend fuzz deploy-secrets deploy-check clean
+.PHONY: help setup run data test test-unit test-integration chaos lint format typecheck proto proto-check bench bench-sync bench-quality bench-recommend fuzz deploy-secrets deploy-check prometheus-live clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -53,7 +53,10 @@ typecheck: $(STAMP) ## mypy (strict) on our code
 	$(VENV)/bin/mypy bench
 	$(VENV)/bin/mypy tools
 
-bench: bench-recommend bench-quality ## Every benchmark (about 10 min)
+bench: bench-sync bench-recommend bench-quality ## Every benchmark (about 12 min); figures in reports/bench.json
+
+bench-sync: $(STAMP) ## The shard's SyncPatterns pipeline vs a bare grpc.aio echo server, same requests and load generator (about 2 min)
+	$(PY) -m bench.sync_throughput
 
 bench-recommend: $(STAMP) ## recommend() p50/p99 at 100K items with the collaborative model vs without, one core
 	$(PY) bench/recommend_latency.py
@@ -91,10 +94,18 @@ proto-check: $(STAMP) ## Fail when the committed generated code differs from wha
 deploy-secrets: $(STAMP) ## Generate deploy/dev-secrets/ (git-ignored): dev PKI, fleet keys, worker token, passwords
 	PYTHON=$(PY) bash deploy/dev-secrets.sh
 
-deploy-check: $(STAMP) ## Lint deploy/ statically: hadolint on the Dockerfiles, compose schema, deploy tests
+deploy-check: $(STAMP) ## Lint deploy/, k8s/ and helm/ statically: hadolint, compose schema, Kubernetes schemas, the chart rendered by Helm's engine, deploy tests
 	$(VENV)/bin/hadolint -c deploy/docker/.hadolint.yaml deploy/docker/*.Dockerfile
 	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec deploy/compose.yaml
+	$(VENV)/bin/kubernetes-validate --strict --quiet -k 1.31.0 $(filter-out k8s/kustomization.yaml,$(wildcard k8s/*.yaml))
+	$(VENV)/bin/check-jsonschema --schemafile helm/omega/values.schema.json helm/omega/values.yaml
+	bash tools/install-system-deps.sh
+	promtool check config deploy/prometheus/prometheus.yml
+	promtool test rules deploy/prometheus/tests/omega-alerts.test.yml
 	$(PY) -m pytest tests/deploy
+
+prometheus-live: $(STAMP) ## A real Prometheus scraping a local shard and worker with the alert rules (~11 s)
+	$(PY) -m pytest -m integration tests/integration/test_prometheus_live.py
 
 clean: ## Remove caches and build artefacts (keeps .venv and the data cache)
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

@@ -22,14 +22,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-import asyncpg
-
 from omega_common.auth import FleetKeys
 from tools.fuzz.credentials import CredentialMix
 from tools.fuzz.runner import FuzzConfig, FuzzReport, run_fuzz
-from tools.fuzz.shard import ShardProcess
-
-_DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
+from tools.fuzz.shard import ShardProcess, admin_dsn
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -100,20 +96,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _admin_dsn(explicit: str | None) -> str:
-    dsn = explicit or os.environ.get("OMEGA_TEST_POSTGRES_URL") or _DEFAULT_POSTGRES
-    try:
-        conn = await asyncpg.connect(dsn, timeout=3)
-    except (OSError, asyncpg.PostgresError):
-        if explicit:
-            raise
-        from omega_common.db import embedded_postgres_dsn
-
-        return await asyncio.to_thread(embedded_postgres_dsn, "postgres")
-    await conn.close()
-    return dsn
-
-
 def _target_keys(args: argparse.Namespace) -> FleetKeys | None:
     """The running server's fleet keys (``--fleet-keys-file`` or the environment), if given."""
     if args.no_auth:
@@ -157,7 +139,7 @@ async def _main(args: argparse.Namespace) -> FuzzReport:
         )
     with tempfile.TemporaryDirectory(prefix="omega-fuzz-") as workdir:
         shard = await ShardProcess.start(
-            await _admin_dsn(args.postgres_url), Path(workdir), auth=not args.no_auth
+            await admin_dsn(args.postgres_url), Path(workdir), auth=not args.no_auth
         )
         try:
             print(

@@ -30,6 +30,7 @@ __all__ = [
     "MALLOC_ENV",
     "DatabaseState",
     "ShardProcess",
+    "admin_dsn",
     "database_state",
     "free_port",
     "rss_bytes",
@@ -52,6 +53,7 @@ the default starts), so large blocks are mapped and unmapped on free. Same as
 other allocators ignore both.
 """
 
+DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
 _START_TIMEOUT_SECONDS = 90.0
 _STOP_TIMEOUT_SECONDS = 20.0
 CATALOG_ITEMS = 50
@@ -66,6 +68,29 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+async def admin_dsn(explicit: str | None = None) -> str:
+    """The maintenance DSN to create shard databases on.
+
+    ``explicit``, else ``$OMEGA_TEST_POSTGRES_URL``, else the local server
+    (`DEFAULT_POSTGRES`); when that is unreachable and nothing was given explicitly, an
+    embedded Postgres (`omega_common.db.embedded_postgres_dsn`).
+
+    Raises:
+        OSError, asyncpg.PostgresError: an explicit DSN is unreachable.
+    """
+    dsn = explicit or os.environ.get("OMEGA_TEST_POSTGRES_URL") or DEFAULT_POSTGRES
+    try:
+        conn = await asyncpg.connect(dsn, timeout=3)
+    except (OSError, asyncpg.PostgresError):
+        if explicit:
+            raise
+        from omega_common.db import embedded_postgres_dsn
+
+        return await asyncio.to_thread(embedded_postgres_dsn, "postgres")
+    await conn.close()
+    return dsn
 
 
 def rss_bytes(pid: int) -> int:

@@ -19,6 +19,9 @@ __all__ = [
     "NEXT_SYNC_AFTER",
     "PATTERNS_STORED",
     "RPC",
+    "SYNC_BATCH_REFUSED",
+    "SYNC_BATCH_SECONDS",
+    "SYNC_BATCH_SIZE",
     "SYNC_DUPLICATES",
     "SYNC_REDIRECTS",
     "SYNC_REQUEST_BYTES",
@@ -78,4 +81,18 @@ NEXT_SYNC_AFTER = Histogram(
     "omega_constellation_next_sync_after_seconds",
     "Pause before its next sync that sync answers ask of devices, in seconds.",
     buckets=(30, 60, 120, 240, 300, 360, 480, 600, 900, 1200, 1800, 3600, 7200),
+)
+SYNC_BATCH_SIZE = Histogram(
+    "omega_constellation_sync_batch_size",
+    "Deltas applied per group-commit transaction.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
+SYNC_BATCH_SECONDS = Histogram(
+    "omega_constellation_sync_batch_seconds",
+    "Duration of one group-commit transaction (queue wait excluded), in seconds.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+SYNC_BATCH_REFUSED = Counter(
+    "omega_constellation_sync_queue_refused_total",
+    "Syncs refused with RESOURCE_EXHAUSTED because the group-commit queue was full.",
 )

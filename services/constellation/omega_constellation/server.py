@@ -86,7 +86,7 @@ class RunningServer:
         await asyncio.gather(
             self.server.stop(grace_seconds), self.federation_server.stop(grace_seconds)
         )
-        await self.service.store.close()
+        await self.service.close()
 
 
 async def resolve_database_url(settings: ConstellationSettings) -> str:
@@ -302,5 +302,5 @@ async def main_async(settings: ConstellationSettings) -> None:
     finally:
         if running.readiness is not None:
             await running.readiness.stop()  # idempotent; before the pool it probes closes
-        await running.service.store.close()
+        await running.service.close()
         _log.info("stopped")

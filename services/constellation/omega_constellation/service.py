@@ -6,8 +6,9 @@ No protobuf here: servicers convert with `omega_constellation.converters`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from omega_common.errors import FailedPreconditionError, InvalidArgumentError
@@ -20,6 +21,7 @@ from omega_constellation.converters import (
     ValidatedDelta,
     ValidatedRound,
 )
+from omega_constellation.group_commit import GroupCommitter
 from omega_constellation.model import ModelPage, ModelView
 from omega_constellation.settings import ConstellationSettings
 from omega_constellation.store import ExportedUpdateRow, ExportRow, ShardStore, SyncOutcome
@@ -63,6 +65,40 @@ class ConstellationService:
         self._catalog = Catalog(0, [])
         self._model = ModelView(ModelState(0, 0), [])
         self._model_lock = asyncio.Lock()
+        self._committer = GroupCommitter(
+            functools.partial(
+                self._apply_batch,
+                shard_id=settings.shard_id,
+                min_success_rate=settings.min_success_rate,
+                max_version_step=settings.max_version_step,
+            ),
+            max_batch=settings.sync_batch_max,
+            max_wait_seconds=settings.sync_batch_max_wait_ms / 1000.0,
+            max_pending=settings.sync_queue_max,
+            max_concurrent_batches=settings.sync_batch_concurrency,
+            slow_batch_seconds=settings.sync_slow_batch_ms / 1000.0,
+        )
+
+    async def _apply_batch(
+        self,
+        deltas: Sequence[ValidatedDelta],
+        *,
+        shard_id: str,
+        min_success_rate: float,
+        max_version_step: int | None,
+    ) -> list[SyncOutcome | InvalidArgumentError]:
+        return await self.store.apply_batch(
+            deltas,
+            shard_id=shard_id,
+            min_success_rate=min_success_rate,
+            now_ms=int(time.time() * 1000),
+            max_version_step=max_version_step,
+        )
+
+    async def close(self) -> None:
+        """Finish running batches (queued syncs fail), then close the database pool."""
+        await self._committer.close()
+        await self.store.close()
 
     async def start(self) -> None:
         """Load the catalog (from the configured file when it changed), global view and model."""
@@ -153,13 +189,18 @@ class ConstellationService:
         if owner != self.settings.shard_id:
             metrics.SYNC_REDIRECTS.inc()
             return SyncDecision(None, owner, None)
-        outcome = await self.store.apply_delta(
-            delta,
-            shard_id=self.settings.shard_id,
-            min_success_rate=self.settings.min_success_rate,
-            now_ms=int(time.time() * 1000),
-            max_version_step=self.settings.max_version_step,
-        )
+        if delta.local_version == 0:
+            # A pull writes nothing: one read, outside the group commit.
+            [pulled] = await self._apply_batch(
+                [delta],
+                shard_id=self.settings.shard_id,
+                min_success_rate=self.settings.min_success_rate,
+                max_version_step=self.settings.max_version_step,
+            )
+            assert isinstance(pulled, SyncOutcome)
+            outcome = pulled
+        else:
+            outcome = await self._committer.submit(delta)
         if outcome.duplicate:
             metrics.SYNC_DUPLICATES.inc()
         else:

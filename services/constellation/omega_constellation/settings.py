@@ -176,6 +176,42 @@ class ConstellationSettings(ServiceSettings):
         le=100_000,
         description="RPCs one server handles at once; past it gRPC answers RESOURCE_EXHAUSTED.",
     )
+    sync_batch_max: int = Field(
+        256,
+        ge=1,
+        le=10_000,
+        description="Group commit: most syncs applied in one database transaction.",
+    )
+    sync_batch_max_wait_ms: float = Field(
+        0.0,
+        ge=0.0,
+        le=1000.0,
+        description="Group commit: how long a batch smaller than sync_batch_max waits for "
+        "more syncs once a transaction slot is free, in ms (0: never; batches still grow "
+        "under load, while the slots are busy).",
+    )
+    sync_batch_concurrency: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="Group commit: batches (transactions) running at once, at most, each on "
+        "one pooled connection (keep it below db_pool_max_size). One runs at a time while "
+        "batches are quick; another starts beside those older than sync_slow_batch_ms.",
+    )
+    sync_slow_batch_ms: float = Field(
+        50.0,
+        ge=0.0,
+        le=60_000.0,
+        description="Group commit: a batch running longer than this (waiting on a lock, a "
+        "slow disk) lets the next batch start beside it, in ms.",
+    )
+    sync_queue_max: int = Field(
+        4096,
+        ge=1,
+        le=1_000_000,
+        description="Group commit: most syncs queued for a transaction; past it a sync is "
+        "refused with RESOURCE_EXHAUSTED and a retry hint instead of waiting.",
+    )
     device_rate_per_second: float = Field(
         2.0,
         ge=0.0,

@@ -7,6 +7,7 @@ are int8 ``bytea`` plus a ``real`` scale (ARCHITECTURE.md section 3).
 from __future__ import annotations
 
 import hashlib
+import json
 import struct
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from omega_constellation.converters import (
     GlobalPatternRow,
     ItemFactorRecord,
     ModelState,
+    PatternStatsUpdate,
     StoredPattern,
     TrendingRow,
     ValidatedDelta,
@@ -140,181 +142,291 @@ class ShardStore:
         now_ms: int,
         max_version_step: int | None = None,
     ) -> SyncOutcome:
-        """Apply a validated delta exactly once per (device id, local version).
+        """Apply one validated delta exactly once per (device id, local version).
 
-        Local version 0 (an empty delta, checked by the converter) is a pull: nothing is
-        written and the answer acknowledges the device's last applied version (0 if none).
+        The batch of one of `apply_batch` (same rules and arguments).
+
+        Raises:
+            InvalidArgumentError: see `apply_batch`; nothing is written.
+        """
+        [result] = await self.apply_batch(
+            [delta],
+            shard_id=shard_id,
+            min_success_rate=min_success_rate,
+            now_ms=now_ms,
+            max_version_step=max_version_step,
+        )
+        if isinstance(result, InvalidArgumentError):
+            raise result
+        return result
+
+    async def apply_batch(
+        self,
+        deltas: Sequence[ValidatedDelta],
+        *,
+        shard_id: str,
+        min_success_rate: float,
+        now_ms: int,
+        max_version_step: int | None = None,
+    ) -> list[SyncOutcome | InvalidArgumentError]:
+        """Apply validated deltas of distinct devices in one transaction (group commit).
+
+        Each delta is applied exactly once per (device id, local version): a version at or
+        below the device's last applied one is a duplicate and writes nothing. Local version
+        0 (an empty delta, checked by the converter) is a pull: nothing is written and the
+        answer acknowledges the device's last applied version (0 if none), so a device whose
+        store is new (factory reset) learns where to continue.
 
         Patterns below ``min_success_rate`` are not stored (an existing row is deleted).
         View counts are tagged with the shard's current global version. A model update
         replaces the device's previous one.
 
+        Set-based: every statement covers the whole batch (arrays through ``unnest``), so a
+        batch costs about ten round trips and one commit whatever its size. Device rows are
+        locked in device id order and view counts written in content id order, so concurrent
+        batches (of this replica or another on the same database) cannot deadlock.
+
         Args:
-            delta: The validated delta.
+            deltas: Deltas of distinct devices (a device's next delta waits for the next
+                batch; `omega_constellation.group_commit` guarantees it).
             shard_id: This shard, recorded with a new device.
             min_success_rate: Quality threshold of stored patterns.
             now_ms: The time recorded as ``stored_at_ms``, in ms since the epoch.
-            max_version_step: Most ``delta.local_version`` may exceed the device's last
-                applied version (0 for a new device); None: no bound. Compared under the
-                device row's lock, so concurrent syncs cannot slip past it.
+            max_version_step: Most a local version may exceed the device's last applied
+                version (0 for a new device); None: no bound. Compared under the device
+                row's lock, so concurrent syncs cannot slip past it.
+
+        Returns:
+            One entry per delta, in order: its `SyncOutcome`, or an `InvalidArgumentError`
+            when its local version jumps by more than ``max_version_step`` or its model
+            update's direction was computed against the current model version but has another
+            factor count. A refused delta writes nothing (not even a new device's row); the
+            others are applied.
 
         Raises:
-            InvalidArgumentError: the local version jumps by more than ``max_version_step``,
-                or the model update's direction was computed against the current model
-                version but has another factor count. Nothing is written in either case.
+            ValueError: two deltas of one device.
+            asyncpg.PostgresError, OSError: the database failed; nothing was written.
         """
+        ids = [d.device_id for d in deltas]
+        if len(set(ids)) != len(ids):
+            raise ValueError("a batch holds at most one delta per device")
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
-            global_version = await self._global_version(conn)
-            model = await self._model_state(conn)
-            if delta.local_version == 0:
-                # A pull (empty delta): nothing is written. The answer's acknowledged version
-                # is the device's last applied one, so a device whose store is new (factory
-                # reset) learns where to continue.
-                known = await conn.fetchrow(
-                    "SELECT last_local_version, pattern_count FROM devices WHERE device_id = $1",
-                    delta.device_id,
-                )
-                last = int(known["last_local_version"]) if known else 0
-                count = int(known["pattern_count"]) if known else 0
-                return SyncOutcome(last, False, count, global_version, model.version)
-            await conn.execute(
-                "INSERT INTO devices (device_id, device_key, shard_id) VALUES ($1, $2, $3)"
-                " ON CONFLICT (device_id) DO NOTHING",
-                delta.device_id,
-                device_key(delta.device_id),
-                shard_id,
+            state = await conn.fetch(
+                "SELECT key, value FROM shard_state WHERE key = ANY($1::text[])",
+                [_GLOBAL_VERSION, _MODEL_VERSION, _MODEL_FACTORS],
             )
-            device = await conn.fetchrow(
-                "SELECT last_local_version, pattern_count FROM devices"
-                " WHERE device_id = $1 FOR UPDATE",
-                delta.device_id,
-            )
-            last = device["last_local_version"]
-            if delta.local_version <= last:
-                return SyncOutcome(
-                    last, True, device["pattern_count"], global_version, model.version
+            values = {r["key"]: int(r["value"]) for r in state}
+            global_version = values.get(_GLOBAL_VERSION, 0)
+            model = ModelState(values.get(_MODEL_VERSION, 0), values.get(_MODEL_FACTORS, 0))
+            writes = [d for d in deltas if d.local_version > 0]
+            inserted: set[str] = set()
+            if writes:
+                order = sorted(d.device_id for d in writes)
+                rows = await conn.fetch(
+                    "INSERT INTO devices (device_id, device_key, shard_id)"
+                    " SELECT d, k, $3 FROM unnest($1::text[], $2::text[]) AS t(d, k) ORDER BY d"
+                    " ON CONFLICT (device_id) DO NOTHING RETURNING device_id",
+                    order,
+                    [device_key(d) for d in order],
+                    shard_id,
                 )
-            if max_version_step is not None and delta.local_version - last > max_version_step:
-                # Raising rolls the transaction back: not even the device row is kept.
-                raise InvalidArgumentError(
-                    f"local_version {delta.local_version} is more than {max_version_step} ahead"
-                    f" of the last applied version {last}"
+                inserted = {r["device_id"] for r in rows}
+            known = {
+                r["device_id"]: (int(r["last_local_version"]), int(r["pattern_count"]))
+                for r in await conn.fetch(
+                    "SELECT device_id, last_local_version, pattern_count FROM devices"
+                    " WHERE device_id = ANY($1::text[]) ORDER BY device_id"
+                    + (" FOR UPDATE" if writes else ""),
+                    ids,
                 )
-            update = delta.model_update
-            if update is not None:
-                # Authoritative re-check of the converter's: another replica may have
-                # published a model since this one cached its version.
-                if (
-                    update.direction_dim is not None
-                    and update.model_version == model.version
-                    and update.direction_dim != model.factors
-                ):
-                    raise InvalidArgumentError(
-                        f"model_update.direction: {update.direction_dim} factors, the model has"
-                        f" {model.factors}"
+            }
+            results: list[SyncOutcome | InvalidArgumentError | None] = []
+            apply: list[ValidatedDelta] = []
+            refused_new: list[str] = []
+            for d in deltas:
+                last, count = known.get(d.device_id, (0, 0))
+                if d.local_version == 0 or d.local_version <= last:
+                    duplicate = d.local_version > 0
+                    results.append(
+                        SyncOutcome(last, duplicate, count, global_version, model.version)
                     )
+                    continue
+                error = _refusal(d, last, model, max_version_step)
+                if error is not None:
+                    results.append(error)
+                    if d.device_id in inserted:
+                        refused_new.append(d.device_id)
+                    continue
+                results.append(None)
+                apply.append(d)
+            if refused_new:
                 await conn.execute(
-                    "INSERT INTO model_updates (device_id, model_version, payload, stored_at_ms)"
-                    " VALUES ($1, $2, $3, $4) ON CONFLICT (device_id) DO UPDATE SET"
-                    " model_version = EXCLUDED.model_version, payload = EXCLUDED.payload,"
-                    " stored_at_ms = EXCLUDED.stored_at_ms",
-                    delta.device_id,
-                    update.model_version,
-                    update.payload,
-                    now_ms,
+                    "DELETE FROM devices WHERE device_id = ANY($1::text[])", refused_new
                 )
+            stored: dict[str, int] = {}
+            if apply:
+                stored = await self._write_batch(
+                    conn, apply, _float32(min_success_rate), global_version, now_ms
+                )
+        by_device = {d.device_id: d for d in apply}
+        return [
+            r
+            if r is not None
+            else SyncOutcome(
+                by_device[d.device_id].local_version,
+                False,
+                stored[d.device_id],
+                global_version,
+                model.version,
+            )
+            for d, r in zip(deltas, results, strict=True)
+        ]
 
-            # Rates travel (and are stored) as float32: compare with the threshold rounded
-            # the same way, or a rate of exactly the threshold (7/10 against 0.7, a float32
-            # just below 0.7) would count as below it.
-            threshold = _float32(min_success_rate)
-            keep = [p for p in delta.upserts if p.success_rate >= threshold]
-            drop = [p.pattern_id for p in delta.upserts if p.success_rate < threshold]
-            drop += [u.pattern_id for u in delta.updates if u.success_rate < threshold]
-            drop += delta.removed
-            if keep:
-                await conn.executemany(
-                    "INSERT INTO device_patterns (device_id, pattern_id, embedding,"
-                    " embedding_scale, success_rate, sample_count, time_slot, day_type,"
-                    " content_type, genre_hints, version, created_at_ms, updated_at_ms,"
-                    " stored_at_ms)"
-                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
-                    " ON CONFLICT (device_id, pattern_id) DO UPDATE SET"
-                    " embedding = EXCLUDED.embedding, embedding_scale = EXCLUDED.embedding_scale,"
-                    " success_rate = EXCLUDED.success_rate, sample_count = EXCLUDED.sample_count,"
-                    " time_slot = EXCLUDED.time_slot, day_type = EXCLUDED.day_type,"
-                    " content_type = EXCLUDED.content_type, genre_hints = EXCLUDED.genre_hints,"
-                    " version = EXCLUDED.version, updated_at_ms = EXCLUDED.updated_at_ms,"
-                    " stored_at_ms = EXCLUDED.stored_at_ms",
-                    [
-                        (
-                            delta.device_id,
-                            p.pattern_id,
-                            p.codes,
-                            p.scale,
-                            p.success_rate,
-                            p.sample_count,
-                            p.time_slot,
-                            p.day_type,
-                            p.content_type,
-                            p.genre_hints,
-                            delta.local_version,
-                            p.created_at_ms,
-                            p.updated_at_ms,
-                            now_ms,
-                        )
-                        for p in keep
-                    ],
-                )
-            updates = [u for u in delta.updates if u.success_rate >= threshold]
-            if updates:
-                # Updates to patterns this shard never stored (they were below the threshold)
-                # match no row: the device sends the full pattern again when its embedding moves.
-                await conn.executemany(
-                    "UPDATE device_patterns SET success_rate = $3,"
-                    " sample_count = sample_count + $4,"
-                    " embedding = COALESCE($5, embedding),"
-                    " embedding_scale = COALESCE($6, embedding_scale),"
-                    " version = $7, updated_at_ms = $8, stored_at_ms = $9"
-                    " WHERE device_id = $1 AND pattern_id = $2",
-                    [
-                        (
-                            delta.device_id,
-                            u.pattern_id,
-                            u.success_rate,
-                            u.additional_samples,
-                            u.codes,
-                            u.scale,
-                            delta.local_version,
-                            u.updated_at_ms,
-                            now_ms,
-                        )
-                        for u in updates
-                    ],
-                )
-            if drop:
-                await conn.execute(
-                    "DELETE FROM device_patterns WHERE device_id = $1 AND pattern_id = ANY($2)",
-                    delta.device_id,
-                    drop,
-                )
-            if delta.content_views:
-                await conn.executemany(
-                    "INSERT INTO content_views (content_id, round, views) VALUES ($1, $2, $3)"
-                    " ON CONFLICT (content_id, round) DO UPDATE"
-                    " SET views = content_views.views + EXCLUDED.views",
-                    [(c, global_version, n) for c, n in delta.content_views],
-                )
-            stored = await conn.fetchval(
-                "UPDATE devices SET last_local_version = $2, last_sync_at = now(),"
-                " pattern_count = (SELECT count(*) FROM device_patterns WHERE device_id = $1)"
-                " WHERE device_id = $1 RETURNING pattern_count",
-                delta.device_id,
-                delta.local_version,
+    @staticmethod
+    async def _write_batch(
+        conn: asyncpg.Connection,
+        deltas: Sequence[ValidatedDelta],
+        threshold: float,
+        global_version: int,
+        now_ms: int,
+    ) -> dict[str, int]:
+        """The writes of `apply_batch` for accepted deltas; returns each device's pattern count.
+
+        ``threshold`` is the quality threshold rounded to float32, as rates travel and are
+        stored (a rate of exactly the threshold, 7/10 against 0.7, would otherwise count as
+        below it).
+        """
+        updates = [(d, d.model_update) for d in deltas if d.model_update is not None]
+        if updates:
+            await conn.execute(
+                "INSERT INTO model_updates (device_id, model_version, payload, stored_at_ms)"
+                " SELECT d, v, p, $4 FROM unnest($1::text[], $2::bigint[], $3::bytea[])"
+                " AS t(d, v, p) ORDER BY d"
+                " ON CONFLICT (device_id) DO UPDATE SET"
+                " model_version = EXCLUDED.model_version, payload = EXCLUDED.payload,"
+                " stored_at_ms = EXCLUDED.stored_at_ms",
+                [d.device_id for d, _ in updates],
+                [u.model_version for _, u in updates],
+                [u.payload for _, u in updates],
+                now_ms,
             )
-            return SyncOutcome(
-                delta.local_version, False, int(stored), global_version, model.version
+        keep: dict[tuple[str, str], tuple[ValidatedDelta, StoredPattern]] = {}
+        changed: dict[tuple[str, str], tuple[ValidatedDelta, PatternStatsUpdate, int]] = {}
+        drop: list[tuple[str, str]] = []
+        views: dict[str, int] = {}
+        for d in deltas:
+            for p in d.upserts:  # a repeated pattern id: the last one wins, as applied in order
+                if p.success_rate >= threshold:
+                    keep[(d.device_id, p.pattern_id)] = (d, p)
+                else:
+                    drop.append((d.device_id, p.pattern_id))
+            for u in d.updates:
+                key = (d.device_id, u.pattern_id)
+                if u.success_rate < threshold:
+                    drop.append(key)
+                    continue
+                # Repeated updates of one pattern add their samples; the rest is the last's.
+                earlier = changed.get(key)
+                samples = u.additional_samples + (earlier[2] if earlier else 0)
+                codes_from = u if u.codes is not None or earlier is None else earlier[1]
+                merged = PatternStatsUpdate(
+                    u.pattern_id,
+                    u.success_rate,
+                    samples,
+                    codes_from.codes,
+                    codes_from.scale,
+                    u.updated_at_ms,
+                )
+                changed[key] = (d, merged, samples)
+            drop.extend((d.device_id, r) for r in d.removed)
+            for content_id, n in d.content_views:
+                views[content_id] = views.get(content_id, 0) + n
+        if keep:
+            rows = list(keep.values())
+            await conn.execute(
+                "INSERT INTO device_patterns (device_id, pattern_id, embedding,"
+                " embedding_scale, success_rate, sample_count, time_slot, day_type,"
+                " content_type, genre_hints, version, created_at_ms, updated_at_ms,"
+                " stored_at_ms)"
+                " SELECT d, p, e, s, r, n, ts, dt, ct,"
+                " ARRAY(SELECT jsonb_array_elements_text(g::jsonb)), v, ca, ua, $14"
+                " FROM unnest($1::text[], $2::text[], $3::bytea[], $4::real[], $5::real[],"
+                " $6::bigint[], $7::smallint[], $8::smallint[], $9::text[], $10::text[],"
+                " $11::bigint[], $12::bigint[], $13::bigint[])"
+                " AS t(d, p, e, s, r, n, ts, dt, ct, g, v, ca, ua)"
+                " ON CONFLICT (device_id, pattern_id) DO UPDATE SET"
+                " embedding = EXCLUDED.embedding, embedding_scale = EXCLUDED.embedding_scale,"
+                " success_rate = EXCLUDED.success_rate, sample_count = EXCLUDED.sample_count,"
+                " time_slot = EXCLUDED.time_slot, day_type = EXCLUDED.day_type,"
+                " content_type = EXCLUDED.content_type, genre_hints = EXCLUDED.genre_hints,"
+                " version = EXCLUDED.version, updated_at_ms = EXCLUDED.updated_at_ms,"
+                " stored_at_ms = EXCLUDED.stored_at_ms",
+                [d.device_id for d, _ in rows],
+                [p.pattern_id for _, p in rows],
+                [p.codes for _, p in rows],
+                [p.scale for _, p in rows],
+                [p.success_rate for _, p in rows],
+                [p.sample_count for _, p in rows],
+                [p.time_slot for _, p in rows],
+                [p.day_type for _, p in rows],
+                [p.content_type for _, p in rows],
+                [json.dumps(p.genre_hints) for _, p in rows],
+                [d.local_version for d, _ in rows],
+                [p.created_at_ms for _, p in rows],
+                [p.updated_at_ms for _, p in rows],
+                now_ms,
             )
+        if changed:
+            # Updates to patterns this shard never stored (they were below the threshold)
+            # match no row: the device sends the full pattern again when its embedding moves.
+            ups = list(changed.values())
+            await conn.execute(
+                "UPDATE device_patterns AS p SET success_rate = u.r,"
+                " sample_count = p.sample_count + u.n,"
+                " embedding = COALESCE(u.e, p.embedding),"
+                " embedding_scale = COALESCE(u.s, p.embedding_scale),"
+                " version = u.v, updated_at_ms = u.ua, stored_at_ms = $9"
+                " FROM unnest($1::text[], $2::text[], $3::real[], $4::bigint[], $5::bytea[],"
+                " $6::real[], $7::bigint[], $8::bigint[]) AS u(d, pid, r, n, e, s, v, ua)"
+                " WHERE p.device_id = u.d AND p.pattern_id = u.pid",
+                [d.device_id for d, _, _ in ups],
+                [u.pattern_id for _, u, _ in ups],
+                [u.success_rate for _, u, _ in ups],
+                [u.additional_samples for _, u, _ in ups],
+                [u.codes for _, u, _ in ups],
+                [u.scale for _, u, _ in ups],
+                [d.local_version for d, _, _ in ups],
+                [u.updated_at_ms for _, u, _ in ups],
+                now_ms,
+            )
+        if drop:
+            await conn.execute(
+                "DELETE FROM device_patterns AS p USING unnest($1::text[], $2::text[])"
+                " AS t(d, pid) WHERE p.device_id = t.d AND p.pattern_id = t.pid",
+                [d for d, _ in drop],
+                [pid for _, pid in drop],
+            )
+        if views:
+            content = sorted(views)
+            await conn.execute(
+                "INSERT INTO content_views (content_id, round, views)"
+                " SELECT c, $2, n FROM unnest($1::text[], $3::bigint[]) AS t(c, n) ORDER BY c"
+                " ON CONFLICT (content_id, round) DO UPDATE"
+                " SET views = content_views.views + EXCLUDED.views",
+                content,
+                global_version,
+                [views[c] for c in content],
+            )
+        counts = await conn.fetch(
+            "UPDATE devices AS d SET last_local_version = u.v, last_sync_at = now(),"
+            " pattern_count = (SELECT count(*) FROM device_patterns AS p"
+            " WHERE p.device_id = d.device_id)"
+            " FROM unnest($1::text[], $2::bigint[]) AS u(id, v) WHERE d.device_id = u.id"
+            " RETURNING d.device_id, d.pattern_count",
+            [d.device_id for d in deltas],
+            [d.local_version for d in deltas],
+        )
+        return {r["device_id"]: int(r["pattern_count"]) for r in counts}
 
     # ---- global patterns ---------------------------------------------------------------------
 
@@ -715,6 +827,30 @@ class ShardStore:
             )
             for r in rows
         ]
+
+
+def _refusal(
+    delta: ValidatedDelta, last: int, model: ModelState, max_version_step: int | None
+) -> InvalidArgumentError | None:
+    """Why a delta ahead of the device's last version must not be applied, else None."""
+    if max_version_step is not None and delta.local_version - last > max_version_step:
+        return InvalidArgumentError(
+            f"local_version {delta.local_version} is more than {max_version_step} ahead"
+            f" of the last applied version {last}"
+        )
+    update = delta.model_update
+    # Authoritative re-check of the converter's: another replica may have published a model
+    # since this one cached its version.
+    if (
+        update is not None
+        and update.direction_dim is not None
+        and update.model_version == model.version
+        and update.direction_dim != model.factors
+    ):
+        return InvalidArgumentError(
+            f"model_update.direction: {update.direction_dim} factors, the model has {model.factors}"
+        )
+    return None
 
 
 def _float32(value: float) -> float:
