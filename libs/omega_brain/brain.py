@@ -734,6 +734,10 @@ class Brain:
         replaces the stored one. On any failure nothing advances and the same delta (plus
         newer changes) is sent next time.
 
+        Global patterns arrive in parts when they exceed the shard's answer budget (5 KB by
+        default): a part is stored at once, and the global version is adopted with the last
+        part (``next_global_page_offset`` 0); the next syncs ask for the rest.
+
         Pace: every answer may ask for a pause before the next sync (``next_sync_after_ms``,
         kept as ``next_sync_at_ms``); with `BrainConfig.honour_sync_pace` a call made earlier
         sends nothing and returns ``paced=True`` (``ok`` False, ``attempts`` 0, nothing
@@ -1152,6 +1156,8 @@ class Brain:
             local_version=local_version,
             since_global_version=self._state["global_version"],
             delta=payload,
+            global_page_version=self._state["global_page_version"],
+            global_page_offset=self._state["global_page_offset"],
         )
         sent_model = self._state["model_version"] if model_update is not None else None
         sent_items = len(model_update.content_ids) if model_update is not None else 0
@@ -1248,12 +1254,24 @@ class Brain:
                     updates["model_update_items"] = 0
             if payload_ok:
                 if rows:
-                    self._store.replace_global_patterns(rows)
+                    page_version = self._state["global_page_version"]
+                    continuation = self._state["global_page_offset"] > 0 and page_version == int(
+                        response.global_version
+                    )
+                    self._store.replace_global_patterns(rows, continuation=continuation)
                 if trending:
                     self._store.replace_trending(trending)
-                new_global = max(int(response.global_version), payload_round)
-                if new_global > self._state["global_version"]:
-                    updates["global_version"] = new_global
+                if response.next_global_page_offset:
+                    # Part of the global patterns: the rest comes with the next syncs; the
+                    # version is adopted with the last part.
+                    updates["global_page_version"] = int(response.global_version)
+                    updates["global_page_offset"] = int(response.next_global_page_offset)
+                else:
+                    updates["global_page_version"] = 0
+                    updates["global_page_offset"] = 0
+                    new_global = max(int(response.global_version), payload_round)
+                    if new_global > self._state["global_version"]:
+                        updates["global_version"] = new_global
             if response.next_sync_after_ms:
                 updates["next_sync_at_ms"] = self._now_ms() + int(response.next_sync_after_ms)
             counter = "syncs_failed" if errors else "syncs_ok"

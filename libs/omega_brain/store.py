@@ -94,6 +94,8 @@ STATE_KEYS = (
     "model_bytes_down",
     "server_version_known",
     "next_sync_at_ms",
+    "global_page_version",
+    "global_page_offset",
 )
 
 _STATE_DEFAULTS = {"model_update_version": -1}
@@ -584,10 +586,16 @@ class Store:
                 rows,
             )
 
-    def replace_global_patterns(self, rows: Sequence[GlobalPatternRow]) -> None:
+    def replace_global_patterns(
+        self, rows: Sequence[GlobalPatternRow], *, continuation: bool = False
+    ) -> None:
         """Store global patterns: rows of a round already stored are replaced by the new copy of
-        that round, and a key present in ``rows`` replaces the stored pattern of that key."""
-        rounds = sorted({r.round for r in rows})
+        that round, and a key present in ``rows`` replaces the stored pattern of that key.
+
+        ``continuation``: ``rows`` continue a transfer whose first part was stored already
+        (a sync answer's later part): they are added, the rounds are not cleared.
+        """
+        rounds = [] if continuation else sorted({r.round for r in rows})
         with self._guard("writing global patterns"):
             self._conn.executemany(
                 "DELETE FROM global_patterns WHERE round = ?", [(r,) for r in rounds]

@@ -85,11 +85,11 @@ _DEVICE_MIX: Final[tuple[tuple[str, float], ...]] = (  # the valid credential fi
     ("device@internal", 0.07),
 )
 _INTERNAL_MIX: Final[tuple[tuple[str, float], ...]] = (  # the valid credential first
-    ("service@internal", 0.55),
-    ("device@internal", 0.10),
-    ("intruder@internal", 0.05),
-    ("none@internal", 0.15),
-    ("forged@internal", 0.15),
+    ("service@internal", 0.50),
+    ("device@internal", 0.125),
+    ("intruder@internal", 0.125),
+    ("none@internal", 0.125),
+    ("forged@internal", 0.125),
 )
 _FORGERIES: Final[tuple[str, ...]] = (
     "garbage",

@@ -71,7 +71,7 @@ __all__ = [
     "embedding_to_int8",
     "export_query_from_request",
     "exported_model_update",
-    "global_patterns_message",
+    "global_patterns_page",
     "int8_to_embedding",
     "item_factor_row",
     "model_query_from_request",
@@ -196,6 +196,8 @@ class ValidatedDelta:
     removed: list[str]
     content_views: list[tuple[str, int]]
     model_update: ModelUpdateRecord | None = None
+    global_page_version: int = 0  # the part of a global-patterns transfer asked for
+    global_page_offset: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -395,6 +397,7 @@ def delta_from_request(
     device_id = check_id(request.device_id, "device_id")
     check_int64(request.local_version, "local_version")
     check_int64(request.since_global_version, "since_global_version")
+    check_int64(request.global_page_version, "global_page_version")
     if not request.HasField("delta"):
         raise InvalidArgumentError("delta is missing")
     try:
@@ -443,6 +446,8 @@ def delta_from_request(
         removed=removed,
         content_views=views,
         model_update=model_update,
+        global_page_version=request.global_page_version,
+        global_page_offset=request.global_page_offset,
     )
 
 
@@ -473,28 +478,60 @@ def _content_views(
     return sorted((c, n) for c, n in views.items() if n > 0 and c in catalog)
 
 
-def global_patterns_message(
-    patterns: Sequence[GlobalPatternRow], trending: Sequence[TrendingRow], version: int
-) -> patterns_pb2.GlobalPatterns:
-    """Build the `GlobalPatterns` message sent down to devices."""
-    return patterns_pb2.GlobalPatterns(
-        patterns=[
-            patterns_pb2.GlobalPattern(
-                pattern_key=p.pattern_key,
-                embedding=int8_to_embedding(p.codes, p.scale),
-                quality=p.quality,
-                source_count=p.source_count,
-                success_rate=p.success_rate,
-                context=pattern_context(p.time_slot, p.day_type),
-                round=p.round,
-            )
-            for p in patterns
-        ],
-        trending=[
-            patterns_pb2.TrendingContent(content_id=t.content_id, score=t.score) for t in trending
-        ],
-        global_version=version,
-    )
+_FIELD_OVERHEAD = 6
+"""Bytes a repeated message field adds to its element's size, at most (tag and length)."""
+
+
+def global_patterns_page(
+    patterns: Sequence[GlobalPatternRow],
+    trending: Sequence[TrendingRow],
+    version: int,
+    start: int,
+    budget_bytes: int,
+) -> tuple[patterns_pb2.GlobalPatterns, int]:
+    """The part of a sync answer's global content that fits ``budget_bytes``.
+
+    Trending items go first, within half the budget (a list of 50 short ids is about
+    600 bytes); then ``patterns[start:]`` (best first) while they fit. At least one pattern is
+    sent when one is left, so every answer makes progress.
+
+    Args:
+        patterns: The patterns newer than the device's version, best first.
+        trending: The trending list to send.
+        version: The shard's global version (the message's ``global_version``).
+        start: Index in ``patterns`` of the first pattern to send.
+        budget_bytes: Most bytes of the serialized (uncompressed) message.
+
+    Returns:
+        The message and the index of the first pattern left out (0 when none is left).
+    """
+    message = patterns_pb2.GlobalPatterns(global_version=version)
+    used = message.ByteSize()
+    for t in trending:
+        trend = patterns_pb2.TrendingContent(content_id=t.content_id, score=t.score)
+        size = trend.ByteSize() + _FIELD_OVERHEAD
+        if used + size > budget_bytes // 2:
+            break
+        message.trending.append(trend)
+        used += size
+    end = start
+    for p in patterns[start:]:
+        item = patterns_pb2.GlobalPattern(
+            pattern_key=p.pattern_key,
+            embedding=int8_to_embedding(p.codes, p.scale),
+            quality=p.quality,
+            source_count=p.source_count,
+            success_rate=p.success_rate,
+            context=pattern_context(p.time_slot, p.day_type),
+            round=p.round,
+        )
+        size = item.ByteSize() + _FIELD_OVERHEAD
+        if used + size > budget_bytes and end > start:
+            break
+        message.patterns.append(item)
+        used += size
+        end += 1
+    return message, (end if end < len(patterns) else 0)
 
 
 def _item_factors(request: federation_pb2.PublishRoundRequest) -> list[ItemFactorRecord]:

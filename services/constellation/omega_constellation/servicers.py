@@ -18,7 +18,7 @@ from omega_constellation.converters import (
     device_report_from_request,
     export_query_from_request,
     exported_model_update,
-    global_patterns_message,
+    global_patterns_page,
     int8_to_embedding,
     item_factor_row,
     model_query_from_request,
@@ -34,6 +34,10 @@ from omega_protocol import encode_payload, pattern_context
 __all__ = ["ConstellationSyncServicer", "FederationServicer"]
 
 _MODEL_PAGES_CACHED = 64
+_ANSWER_OVERHEAD_BYTES = 160
+"""Bytes of a sync answer outside its global patterns' message, at most: the answer's own
+fields (about 60) and the payload's envelope and zstd frame (a frame of incompressible data is
+a few bytes longer than its content)."""
 
 
 class ConstellationSyncServicer(sync_pb2_grpc.ConstellationSyncServicer):
@@ -57,25 +61,31 @@ class ConstellationSyncServicer(sync_pb2_grpc.ConstellationSyncServicer):
             max_bytes=settings.max_device_bytes,
             max_latency_ms=settings.max_device_latency_ms,
         )
-        self._payloads: dict[tuple[int, int], sync_pb2.CompressedPayload] = {}
+        self._payloads: dict[tuple[int, int, int], tuple[sync_pb2.CompressedPayload, int]] = {}
         self._model_pages: dict[tuple[int, int, str, int], sync_pb2.FetchModelResponse] = {}
 
-    def _global_payload(self, view: GlobalView, since: int) -> sync_pb2.CompressedPayload | None:
-        """The compressed GlobalPatterns newer than ``since`` (cached per view and since)."""
+    def _global_payload(
+        self, view: GlobalView, since: int, page_version: int, offset: int
+    ) -> tuple[sync_pb2.CompressedPayload | None, int]:
+        """The compressed part of the GlobalPatterns newer than ``since`` that fits the answer
+        budget, starting at ``offset`` when the device continues a transfer of this version;
+        and the offset of the first pattern left for the next sync (0: none). Cached per
+        view, ``since`` and start."""
         if since >= view.version:
-            return None
-        key = (view.version, since)
+            return None, 0
+        start = offset if page_version == view.version else 0
+        key = (view.version, since, start)
         cached = self._payloads.get(key)
         if cached is None:
             settings = self._service.settings
             newer = [p for p in view.patterns if p.round > since]
-            message = global_patterns_message(
-                newer[: settings.max_global_patterns_per_sync],
-                view.trending[: settings.trending_per_sync],
-                view.version,
+            newer = newer[: settings.max_global_patterns_per_sync]
+            budget = settings.max_sync_answer_bytes - _ANSWER_OVERHEAD_BYTES
+            message, next_offset = global_patterns_page(
+                newer, view.trending[: settings.trending_per_sync], view.version, start, budget
             )
-            cached = encode_payload(message)
-            if len(self._payloads) > 64 or any(v != view.version for v, _ in self._payloads):
+            cached = (encode_payload(message), next_offset)
+            if len(self._payloads) > 256 or any(v != view.version for v, _, _ in self._payloads):
                 self._payloads.clear()
             self._payloads[key] = cached
         return cached
@@ -109,9 +119,15 @@ class ConstellationSyncServicer(sync_pb2_grpc.ConstellationSyncServicer):
             model_version=decision.model_version,
             next_sync_after_ms=pause_ms,
         )
-        payload = self._global_payload(decision.view, delta.since_global_version)
+        payload, next_offset = self._global_payload(
+            decision.view,
+            delta.since_global_version,
+            delta.global_page_version,
+            delta.global_page_offset,
+        )
         if payload is not None:
             response.global_patterns.CopyFrom(payload)
+            response.next_global_page_offset = next_offset
         metrics.SYNC_RESPONSE_BYTES.observe(response.ByteSize())
         return response
 

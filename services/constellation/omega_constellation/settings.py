@@ -126,6 +126,13 @@ class ConstellationSettings(ServiceSettings):
     max_global_patterns_per_sync: int = Field(
         256, ge=0, description="Global patterns sent in one sync response, best quality first."
     )
+    max_sync_answer_bytes: int = Field(
+        5120,
+        ge=2048,
+        le=4 << 20,
+        description="Byte budget of one SyncPatterns answer: global patterns that do not fit "
+        "are sent by the next syncs (best first; next_global_page_offset).",
+    )
     trending_per_sync: int = Field(
         50, ge=0, description="Trending items sent in one sync response."
     )

@@ -26,45 +26,45 @@ from omega.v1 import events_pb2 as omega_dot_v1_dot_events__pb2
 from omega.v1 import patterns_pb2 as omega_dot_v1_dot_patterns__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13omega/v1/sync.proto\x12\x08omega.v1\x1a\x15omega/v1/events.proto\x1a\x17omega/v1/patterns.proto\"j\n\x11\x43ompressedPayload\x12\x1e\n\x05\x63odec\x18\x01 \x01(\x0e\x32\x0f.omega.v1.Codec\x12\x15\n\rdictionary_id\x18\x02 \x01(\r\x12\x10\n\x08raw_size\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\x89\x01\n\x13SyncPatternsRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x15\n\rlocal_version\x18\x02 \x01(\x04\x12\x1c\n\x14since_global_version\x18\x03 \x01(\x04\x12*\n\x05\x64\x65lta\x18\x04 \x01(\x0b\x32\x1b.omega.v1.CompressedPayload\"\xfc\x01\n\x14SyncPatternsResponse\x12\x1c\n\x14\x61\x63knowledged_version\x18\x01 \x01(\x04\x12\x34\n\x0fglobal_patterns\x18\x02 \x01(\x0b\x32\x1b.omega.v1.CompressedPayload\x12\x16\n\x0eglobal_version\x18\x03 \x01(\x04\x12\x11\n\tduplicate\x18\x04 \x01(\x08\x12\x19\n\x11redirect_shard_id\x18\x05 \x01(\t\x12\x17\n\x0fpatterns_stored\x18\x06 \x01(\r\x12\x15\n\rmodel_version\x18\x07 \x01(\x04\x12\x1a\n\x12next_sync_after_ms\x18\x08 \x01(\r\"\xa2\x01\n\x16\x46\x65tchEmbeddingsRequest\x12\x1d\n\x15since_catalog_version\x18\x01 \x01(\x04\x12\x13\n\x0b\x63ontent_ids\x18\x02 \x03(\t\x12-\n\x08\x65ncoding\x18\x03 \x01(\x0e\x32\x1b.omega.v1.EmbeddingEncoding\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\x12\n\npage_token\x18\x05 \x01(\t\"\x81\x01\n\x0b\x43ontentItem\x12\x12\n\ncontent_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0e\n\x06genres\x18\x03 \x03(\t\x12&\n\tembedding\x18\x04 \x01(\x0b\x32\x13.omega.v1.Embedding\x12\x17\n\x0f\x63\x61talog_version\x18\x05 \x01(\x04\"q\n\x17\x46\x65tchEmbeddingsResponse\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.omega.v1.ContentItem\x12\x17\n\x0f\x63\x61talog_version\x18\x02 \x01(\x04\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\"W\n\x11\x46\x65tchModelRequest\x12\x1b\n\x13since_model_version\x18\x01 \x01(\x04\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"|\n\x12\x46\x65tchModelResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\x04\x12\x0f\n\x07\x66\x61\x63tors\x18\x02 \x01(\r\x12%\n\x04rows\x18\x03 \x03(\x0b\x32\x17.omega.v1.ItemFactorRow\x12\x17\n\x0fnext_page_token\x18\x04 \x01(\t\"k\n\x14ReportMetricsRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12(\n\x07metrics\x18\x02 \x01(\x0b\x32\x17.omega.v1.DeviceMetrics\x12\x16\n\x0ereported_at_ms\x18\x03 \x01(\x03\"\x17\n\x15ReportMetricsResponse\"(\n\x13\x46orgetDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"C\n\x14\x46orgetDeviceResponse\x12\x11\n\tforgotten\x18\x01 \x01(\x08\x12\x18\n\x10patterns_deleted\x18\x02 \x01(\r\"r\n\x14SearchContentRequest\x12\"\n\x05query\x18\x01 \x01(\x0b\x32\x13.omega.v1.Embedding\x12\t\n\x01k\x18\x02 \x01(\r\x12\x0e\n\x06genres\x18\x03 \x03(\t\x12\x1b\n\x13\x65xclude_content_ids\x18\x04 \x03(\t\"A\n\rScoredContent\x12\x12\n\ncontent_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"A\n\x15SearchContentResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.omega.v1.ScoredContent*>\n\x05\x43odec\x12\x15\n\x11\x43ODEC_UNSPECIFIED\x10\x00\x12\x0e\n\nCODEC_NONE\x10\x01\x12\x0e\n\nCODEC_ZSTD\x10\x02\x32\xf6\x03\n\x11\x43onstellationSync\x12M\n\x0cSyncPatterns\x12\x1d.omega.v1.SyncPatternsRequest\x1a\x1e.omega.v1.SyncPatternsResponse\x12V\n\x0f\x46\x65tchEmbeddings\x12 .omega.v1.FetchEmbeddingsRequest\x1a!.omega.v1.FetchEmbeddingsResponse\x12G\n\nFetchModel\x12\x1b.omega.v1.FetchModelRequest\x1a\x1c.omega.v1.FetchModelResponse\x12P\n\rReportMetrics\x12\x1e.omega.v1.ReportMetricsRequest\x1a\x1f.omega.v1.ReportMetricsResponse\x12P\n\rSearchContent\x12\x1e.omega.v1.SearchContentRequest\x1a\x1f.omega.v1.SearchContentResponse\x12M\n\x0c\x46orgetDevice\x12\x1d.omega.v1.ForgetDeviceRequest\x1a\x1e.omega.v1.ForgetDeviceResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13omega/v1/sync.proto\x12\x08omega.v1\x1a\x15omega/v1/events.proto\x1a\x17omega/v1/patterns.proto\"j\n\x11\x43ompressedPayload\x12\x1e\n\x05\x63odec\x18\x01 \x01(\x0e\x32\x0f.omega.v1.Codec\x12\x15\n\rdictionary_id\x18\x02 \x01(\r\x12\x10\n\x08raw_size\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\xc2\x01\n\x13SyncPatternsRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x15\n\rlocal_version\x18\x02 \x01(\x04\x12\x1c\n\x14since_global_version\x18\x03 \x01(\x04\x12*\n\x05\x64\x65lta\x18\x04 \x01(\x0b\x32\x1b.omega.v1.CompressedPayload\x12\x1b\n\x13global_page_version\x18\x05 \x01(\x04\x12\x1a\n\x12global_page_offset\x18\x06 \x01(\r\"\x9d\x02\n\x14SyncPatternsResponse\x12\x1c\n\x14\x61\x63knowledged_version\x18\x01 \x01(\x04\x12\x34\n\x0fglobal_patterns\x18\x02 \x01(\x0b\x32\x1b.omega.v1.CompressedPayload\x12\x16\n\x0eglobal_version\x18\x03 \x01(\x04\x12\x11\n\tduplicate\x18\x04 \x01(\x08\x12\x19\n\x11redirect_shard_id\x18\x05 \x01(\t\x12\x17\n\x0fpatterns_stored\x18\x06 \x01(\r\x12\x15\n\rmodel_version\x18\x07 \x01(\x04\x12\x1a\n\x12next_sync_after_ms\x18\x08 \x01(\r\x12\x1f\n\x17next_global_page_offset\x18\t \x01(\r\"\xa2\x01\n\x16\x46\x65tchEmbeddingsRequest\x12\x1d\n\x15since_catalog_version\x18\x01 \x01(\x04\x12\x13\n\x0b\x63ontent_ids\x18\x02 \x03(\t\x12-\n\x08\x65ncoding\x18\x03 \x01(\x0e\x32\x1b.omega.v1.EmbeddingEncoding\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\x12\n\npage_token\x18\x05 \x01(\t\"\x81\x01\n\x0b\x43ontentItem\x12\x12\n\ncontent_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0e\n\x06genres\x18\x03 \x03(\t\x12&\n\tembedding\x18\x04 \x01(\x0b\x32\x13.omega.v1.Embedding\x12\x17\n\x0f\x63\x61talog_version\x18\x05 \x01(\x04\"q\n\x17\x46\x65tchEmbeddingsResponse\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.omega.v1.ContentItem\x12\x17\n\x0f\x63\x61talog_version\x18\x02 \x01(\x04\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\"W\n\x11\x46\x65tchModelRequest\x12\x1b\n\x13since_model_version\x18\x01 \x01(\x04\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"|\n\x12\x46\x65tchModelResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\x04\x12\x0f\n\x07\x66\x61\x63tors\x18\x02 \x01(\r\x12%\n\x04rows\x18\x03 \x03(\x0b\x32\x17.omega.v1.ItemFactorRow\x12\x17\n\x0fnext_page_token\x18\x04 \x01(\t\"k\n\x14ReportMetricsRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12(\n\x07metrics\x18\x02 \x01(\x0b\x32\x17.omega.v1.DeviceMetrics\x12\x16\n\x0ereported_at_ms\x18\x03 \x01(\x03\"\x17\n\x15ReportMetricsResponse\"(\n\x13\x46orgetDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"C\n\x14\x46orgetDeviceResponse\x12\x11\n\tforgotten\x18\x01 \x01(\x08\x12\x18\n\x10patterns_deleted\x18\x02 \x01(\r\"r\n\x14SearchContentRequest\x12\"\n\x05query\x18\x01 \x01(\x0b\x32\x13.omega.v1.Embedding\x12\t\n\x01k\x18\x02 \x01(\r\x12\x0e\n\x06genres\x18\x03 \x03(\t\x12\x1b\n\x13\x65xclude_content_ids\x18\x04 \x03(\t\"A\n\rScoredContent\x12\x12\n\ncontent_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"A\n\x15SearchContentResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.omega.v1.ScoredContent*>\n\x05\x43odec\x12\x15\n\x11\x43ODEC_UNSPECIFIED\x10\x00\x12\x0e\n\nCODEC_NONE\x10\x01\x12\x0e\n\nCODEC_ZSTD\x10\x02\x32\xf6\x03\n\x11\x43onstellationSync\x12M\n\x0cSyncPatterns\x12\x1d.omega.v1.SyncPatternsRequest\x1a\x1e.omega.v1.SyncPatternsResponse\x12V\n\x0f\x46\x65tchEmbeddings\x12 .omega.v1.FetchEmbeddingsRequest\x1a!.omega.v1.FetchEmbeddingsResponse\x12G\n\nFetchModel\x12\x1b.omega.v1.FetchModelRequest\x1a\x1c.omega.v1.FetchModelResponse\x12P\n\rReportMetrics\x12\x1e.omega.v1.ReportMetricsRequest\x1a\x1f.omega.v1.ReportMetricsResponse\x12P\n\rSearchContent\x12\x1e.omega.v1.SearchContentRequest\x1a\x1f.omega.v1.SearchContentResponse\x12M\n\x0c\x46orgetDevice\x12\x1d.omega.v1.ForgetDeviceRequest\x1a\x1e.omega.v1.ForgetDeviceResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'omega.v1.sync_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CODEC']._serialized_start=1706
-  _globals['_CODEC']._serialized_end=1768
+  _globals['_CODEC']._serialized_start=1796
+  _globals['_CODEC']._serialized_end=1858
   _globals['_COMPRESSEDPAYLOAD']._serialized_start=81
   _globals['_COMPRESSEDPAYLOAD']._serialized_end=187
   _globals['_SYNCPATTERNSREQUEST']._serialized_start=190
-  _globals['_SYNCPATTERNSREQUEST']._serialized_end=327
-  _globals['_SYNCPATTERNSRESPONSE']._serialized_start=330
-  _globals['_SYNCPATTERNSRESPONSE']._serialized_end=582
-  _globals['_FETCHEMBEDDINGSREQUEST']._serialized_start=585
-  _globals['_FETCHEMBEDDINGSREQUEST']._serialized_end=747
-  _globals['_CONTENTITEM']._serialized_start=750
-  _globals['_CONTENTITEM']._serialized_end=879
-  _globals['_FETCHEMBEDDINGSRESPONSE']._serialized_start=881
-  _globals['_FETCHEMBEDDINGSRESPONSE']._serialized_end=994
-  _globals['_FETCHMODELREQUEST']._serialized_start=996
-  _globals['_FETCHMODELREQUEST']._serialized_end=1083
-  _globals['_FETCHMODELRESPONSE']._serialized_start=1085
-  _globals['_FETCHMODELRESPONSE']._serialized_end=1209
-  _globals['_REPORTMETRICSREQUEST']._serialized_start=1211
-  _globals['_REPORTMETRICSREQUEST']._serialized_end=1318
-  _globals['_REPORTMETRICSRESPONSE']._serialized_start=1320
-  _globals['_REPORTMETRICSRESPONSE']._serialized_end=1343
-  _globals['_FORGETDEVICEREQUEST']._serialized_start=1345
-  _globals['_FORGETDEVICEREQUEST']._serialized_end=1385
-  _globals['_FORGETDEVICERESPONSE']._serialized_start=1387
-  _globals['_FORGETDEVICERESPONSE']._serialized_end=1454
-  _globals['_SEARCHCONTENTREQUEST']._serialized_start=1456
-  _globals['_SEARCHCONTENTREQUEST']._serialized_end=1570
-  _globals['_SCOREDCONTENT']._serialized_start=1572
-  _globals['_SCOREDCONTENT']._serialized_end=1637
-  _globals['_SEARCHCONTENTRESPONSE']._serialized_start=1639
-  _globals['_SEARCHCONTENTRESPONSE']._serialized_end=1704
-  _globals['_CONSTELLATIONSYNC']._serialized_start=1771
-  _globals['_CONSTELLATIONSYNC']._serialized_end=2273
+  _globals['_SYNCPATTERNSREQUEST']._serialized_end=384
+  _globals['_SYNCPATTERNSRESPONSE']._serialized_start=387
+  _globals['_SYNCPATTERNSRESPONSE']._serialized_end=672
+  _globals['_FETCHEMBEDDINGSREQUEST']._serialized_start=675
+  _globals['_FETCHEMBEDDINGSREQUEST']._serialized_end=837
+  _globals['_CONTENTITEM']._serialized_start=840
+  _globals['_CONTENTITEM']._serialized_end=969
+  _globals['_FETCHEMBEDDINGSRESPONSE']._serialized_start=971
+  _globals['_FETCHEMBEDDINGSRESPONSE']._serialized_end=1084
+  _globals['_FETCHMODELREQUEST']._serialized_start=1086
+  _globals['_FETCHMODELREQUEST']._serialized_end=1173
+  _globals['_FETCHMODELRESPONSE']._serialized_start=1175
+  _globals['_FETCHMODELRESPONSE']._serialized_end=1299
+  _globals['_REPORTMETRICSREQUEST']._serialized_start=1301
+  _globals['_REPORTMETRICSREQUEST']._serialized_end=1408
+  _globals['_REPORTMETRICSRESPONSE']._serialized_start=1410
+  _globals['_REPORTMETRICSRESPONSE']._serialized_end=1433
+  _globals['_FORGETDEVICEREQUEST']._serialized_start=1435
+  _globals['_FORGETDEVICEREQUEST']._serialized_end=1475
+  _globals['_FORGETDEVICERESPONSE']._serialized_start=1477
+  _globals['_FORGETDEVICERESPONSE']._serialized_end=1544
+  _globals['_SEARCHCONTENTREQUEST']._serialized_start=1546
+  _globals['_SEARCHCONTENTREQUEST']._serialized_end=1660
+  _globals['_SCOREDCONTENT']._serialized_start=1662
+  _globals['_SCOREDCONTENT']._serialized_end=1727
+  _globals['_SEARCHCONTENTRESPONSE']._serialized_start=1729
+  _globals['_SEARCHCONTENTRESPONSE']._serialized_end=1794
+  _globals['_CONSTELLATIONSYNC']._serialized_start=1861
+  _globals['_CONSTELLATIONSYNC']._serialized_end=2363
 # @@protoc_insertion_point(module_scope)

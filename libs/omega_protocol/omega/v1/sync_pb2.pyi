@@ -79,11 +79,20 @@ class SyncPatternsRequest(_message.Message):
     LOCAL_VERSION_FIELD_NUMBER: _builtins.int
     SINCE_GLOBAL_VERSION_FIELD_NUMBER: _builtins.int
     DELTA_FIELD_NUMBER: _builtins.int
+    GLOBAL_PAGE_VERSION_FIELD_NUMBER: _builtins.int
+    GLOBAL_PAGE_OFFSET_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     local_version: _builtins.int
     """Local version after the delta; (device_id, local_version) is the idempotency key."""
     since_global_version: _builtins.int
     """The device already has global patterns up to this round."""
+    global_page_version: _builtins.int
+    """Continue a global-patterns transfer that the previous answer left unfinished (its
+    next_global_page_offset > 0): that answer's global_version and next_global_page_offset,
+    with since_global_version unchanged. When the shard has moved to another version since,
+    the transfer starts again (offset 0). 0 and 0: a fresh transfer.
+    """
+    global_page_offset: _builtins.int
     @_builtins.property
     def delta(self) -> Global___CompressedPayload:
         """A PatternDelta."""
@@ -95,10 +104,12 @@ class SyncPatternsRequest(_message.Message):
         local_version: _builtins.int = ...,
         since_global_version: _builtins.int = ...,
         delta: Global___CompressedPayload | None = ...,
+        global_page_version: _builtins.int = ...,
+        global_page_offset: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "device_id", b"device_id", "local_version", b"local_version", "since_global_version", b"since_global_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "device_id", b"device_id", "global_page_offset", b"global_page_offset", "global_page_version", b"global_page_version", "local_version", b"local_version", "since_global_version", b"since_global_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -116,6 +127,7 @@ class SyncPatternsResponse(_message.Message):
     PATTERNS_STORED_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     NEXT_SYNC_AFTER_MS_FIELD_NUMBER: _builtins.int
+    NEXT_GLOBAL_PAGE_OFFSET_FIELD_NUMBER: _builtins.int
     acknowledged_version: _builtins.int
     """Highest local version of the device the server has applied."""
     global_version: _builtins.int
@@ -133,6 +145,13 @@ class SyncPatternsResponse(_message.Message):
     replica is near its concurrency bound or the device near its rate limit. 0 (an older
     server): the device keeps its own schedule.
     """
+    next_global_page_offset: _builtins.int
+    """Sync answers stay under the shard's byte budget (5 KB by default): when the global
+    patterns newer than since_global_version do not fit, the answer carries the best ones
+    that do and this offset (> 0) of the first one left. The device stores what it got, keeps
+    its global version, and sends global_version and this offset with its next sync; it adopts
+    global_version with the answer whose offset is 0 (the last part).
+    """
     @_builtins.property
     def global_patterns(self) -> Global___CompressedPayload:
         """A GlobalPatterns (empty when the device is current)."""
@@ -148,10 +167,11 @@ class SyncPatternsResponse(_message.Message):
         patterns_stored: _builtins.int = ...,
         model_version: _builtins.int = ...,
         next_sync_after_ms: _builtins.int = ...,
+        next_global_page_offset: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["global_patterns", b"global_patterns"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acknowledged_version", b"acknowledged_version", "duplicate", b"duplicate", "global_patterns", b"global_patterns", "global_version", b"global_version", "model_version", b"model_version", "next_sync_after_ms", b"next_sync_after_ms", "patterns_stored", b"patterns_stored", "redirect_shard_id", b"redirect_shard_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acknowledged_version", b"acknowledged_version", "duplicate", b"duplicate", "global_patterns", b"global_patterns", "global_version", b"global_version", "model_version", b"model_version", "next_global_page_offset", b"next_global_page_offset", "next_sync_after_ms", b"next_sync_after_ms", "patterns_stored", b"patterns_stored", "redirect_shard_id", b"redirect_shard_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
