@@ -577,3 +577,71 @@ def test_codebook_rejects_bad_input() -> None:
         Codebook.train(np.eye(3, 4, dtype=np.float32), k=0)
     with pytest.raises(ValueError, match="shape"):
         Codebook(np.eye(2, 4)).assign(np.ones((3, 5), dtype=np.float32))
+
+
+def _random_rows(
+    seed: int, devices: int
+) -> list[tuple[object, int, tuple[float, float], float, int]]:
+    rng = np.random.default_rng(seed)
+    rows: list[tuple[object, int, tuple[float, float], float, int]] = []
+    for d in range(devices):
+        for _ in range(int(rng.integers(1, 5))):
+            angle = float(rng.uniform(0, 2 * math.pi))
+            rows.append(
+                (
+                    f"dev-{d}",
+                    int(rng.integers(0, 3)),
+                    (math.cos(angle), math.sin(angle)),
+                    float(rng.uniform(0.2, 1.0)),
+                    int(rng.integers(1, 40)),
+                )
+            )
+    return rows
+
+
+CLIPPED = PrivacyParams(epsilon=NO_NOISE, delta=0.0, clipping_norm=5.0, max_patterns_per_device=2)
+
+
+@pytest.mark.parametrize("privacy", [None, CLIPPED])
+def test_streamed_whole_devices_release_what_one_batch_does(privacy: PrivacyParams | None) -> None:
+    from omega_federation.aggregation import GroupAccumulator, release_round
+
+    rows = _random_rows(4, 60)
+    one = run(batch(rows), privacy=privacy)
+    # Three streams (shards), each cut into batches at device boundaries, merged at the end.
+    devices = sorted({str(r[0]) for r in rows})
+    clip = None if privacy is None else privacy.clipping_norm
+    cap = None if privacy is None else privacy.max_patterns_per_device
+    total = GroupAccumulator(AXES, clipping_norm=clip, max_groups=cap)
+    for shard in range(3):
+        part = GroupAccumulator(AXES, clipping_norm=clip, max_groups=cap)
+        mine = devices[shard::3]
+        for lo in range(0, len(mine), 7):
+            chunk = set(mine[lo : lo + 7])
+            part.add(batch([r for r in rows if r[0] in chunk]))
+        total.merge(part)
+    assert total.rows == len(rows)
+    streamed = release_round(
+        total, min_sources=3, privacy=privacy, accountant=None, rng=np.random.default_rng(0)
+    )
+    assert [p.pattern_key for p in streamed.patterns] == [p.pattern_key for p in one.patterns]
+    assert one.patterns  # the comparison is not vacuous
+    for a, b in zip(streamed.patterns, one.patterns, strict=True):
+        assert a.source_count == b.source_count
+        assert a.quality == pytest.approx(b.quality, rel=1e-9)
+        assert a.success_rate == pytest.approx(b.success_rate, rel=1e-9)
+        assert np.allclose(a.embedding, b.embedding, atol=1e-6)
+    assert (streamed.groups_total, streamed.contributions_used) == (
+        one.groups_total,
+        one.contributions_used,
+    )
+
+
+def test_accumulators_of_other_settings_do_not_merge() -> None:
+    from omega_federation.aggregation import GroupAccumulator
+
+    a = GroupAccumulator(AXES, clipping_norm=1.0, max_groups=2)
+    with pytest.raises(ValueError, match="different"):
+        a.merge(GroupAccumulator(AXES, clipping_norm=2.0, max_groups=2))
+    with pytest.raises(ValueError, match="dimension"):
+        a.add(batch([("d", 0, (1.0, 0.0), 1.0, 1)], dim=8))

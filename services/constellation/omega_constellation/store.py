@@ -735,7 +735,9 @@ class ShardStore:
     ) -> AsyncIterator[list[ExportRow]]:
         """Yield batches of patterns stored in (since_ms, until_ms] with enough success.
 
-        Rows come in ``stored_at_ms`` order from a server-side cursor, so memory stays bounded.
+        Rows come from a server-side cursor (memory stays bounded) in device order: a
+        device's patterns are consecutive, so the federation worker aggregates each batch at
+        once, as whole devices (`omega_federation.aggregation.GroupAccumulator`).
         """
         async with (
             self._pool.acquire(timeout=self._timeout) as conn,
@@ -750,7 +752,7 @@ class ShardStore:
                 # real against real: the threshold rounded as the stored rates are.
                 " WHERE p.stored_at_ms > $1 AND p.stored_at_ms <= $2"
                 " AND p.success_rate >= $3::real"
-                " ORDER BY p.stored_at_ms",
+                " ORDER BY p.device_id, p.pattern_id",
                 since_ms,
                 until_ms,
                 min_success_rate,

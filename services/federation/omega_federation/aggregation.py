@@ -9,10 +9,11 @@ Deep Networks from Decentralized Data", Alg. 1: a mean weighted by each client's
 device count, optionally with differential privacy (Dwork & Roth 2014, "The Algorithmic Foundations
 of Differential Privacy"; calibration and accounting in ``omega_federation.privacy``).
 
-Everything is columnar numpy: the cost is one faiss assignment pass, a few sorts of ``n`` integers
-and one pass over the embeddings of the groups that pass k-anonymity, group by group with BLAS
-(bounded extra memory: a few ``(n,)`` vectors plus one ``(8192, dim)`` float64 block), so a million
-exported patterns take seconds.
+Everything is columnar numpy: per batch, one faiss assignment pass, a few sorts of integers and
+one pass over the embeddings group by group with BLAS. Rounds stream: `GroupAccumulator` takes
+batches of whole devices and keeps only per-group sums (``groups x dim`` float64), and
+`release_round` adds the noise and publishes, so a round's memory does not grow with its number
+of patterns; `federated_average` is the same over one batch.
 """
 
 from __future__ import annotations
@@ -340,7 +341,7 @@ class _GroupSums:
     weight_sums: npt.NDArray[np.float64]  # (g,) sum of clipped weights
     success_sums: npt.NDArray[np.float64]  # (g,) sum of clipped weight x success rate
     vector_sums: npt.NDArray[np.float64]  # (g, dim) sum of clipped weight x unit embedding
-    row_group: npt.NDArray[np.int64]  # (n,) index into the above, -1 when the row is unused
+    rows_used: npt.NDArray[np.int64]  # (g,) input rows behind each group's sums
     groups_total: int
 
 
@@ -373,81 +374,190 @@ def _weighted_vector_sums(
     return out
 
 
-def _group_sums(
-    contributions: Contributions,
-    codebook: Codebook,
-    *,
-    min_sources: int,
-    clipping_norm: float | None,
-    max_groups: int | None,
-) -> _GroupSums:
-    n = len(contributions)
-    group = contributions.buckets.astype(np.int64) * codebook.k + codebook.assign(
-        contributions.embeddings
-    )
-    device = _factorize(contributions.device_keys)
-    rates = contributions.success_rates.astype(np.float64)
-    weight = rates * contributions.sample_counts.astype(np.float64)
+class GroupAccumulator:
+    """Running per-group sums of one round, fed batch by batch (streaming aggregation).
 
-    # One entry per (device, group): merge a device's rows in a group, then clip the merged weight.
-    group_keys, group_code = np.unique(group, return_inverse=True)
-    group_code = group_code.reshape(-1)
-    n_groups_all = int(group_keys.shape[0])
-    pair_keys, pair_of_row = np.unique(device * n_groups_all + group_code, return_inverse=True)
-    pair_of_row = pair_of_row.reshape(-1)
-    n_pairs = int(pair_keys.shape[0])
-    pair_device = pair_keys // max(n_groups_all, 1)
-    pair_group = pair_keys % max(n_groups_all, 1)
-    pair_weight = _float_bincount(pair_of_row, weight, n_pairs)
-    pair_success = _float_bincount(pair_of_row, weight * rates, n_pairs)
-    if clipping_norm is None:
-        scale = np.ones(n_pairs, dtype=np.float64)
-    else:
-        scale = np.minimum(
-            1.0,
-            np.divide(
-                clipping_norm,
-                pair_weight,
-                out=np.ones(n_pairs, dtype=np.float64),
-                where=pair_weight > clipping_norm,
-            ),
+    Steps 1 and 2 of `federated_average` (keying, per-device merge, clipping and the per-device
+    group cap) need every row of a device at once; so each `add` must hold *whole devices*:
+    a device's rows all in one call (the shards export their rows in device order, see
+    ``omega_federation.worker``). Only the per-group sums are kept between calls, so memory
+    is ``O(groups x dim)`` whatever the number of rows, and the sums of a stream equal those
+    of the same rows in one batch (up to the order of float additions).
+
+    Attributes:
+        rows: Input rows added so far.
+    """
+
+    def __init__(
+        self,
+        codebook: Codebook,
+        *,
+        clipping_norm: float | None,
+        max_groups: int | None,
+    ) -> None:
+        """Args:
+        codebook: Keys rows by ``(bucket, nearest centroid)``.
+        clipping_norm: Largest weight of one device in one group (None: no clipping).
+        max_groups: Groups one device contributes to at most, its heaviest (None: all).
+        """
+        self._codebook = codebook
+        self._clip = clipping_norm
+        self._max_groups = max_groups
+        self._index: dict[int, int] = {}
+        self._capacity = 0
+        self._counts = np.zeros(0, dtype=np.int64)
+        self._weights = np.zeros(0, dtype=np.float64)
+        self._success = np.zeros(0, dtype=np.float64)
+        self._rows_used = np.zeros(0, dtype=np.int64)
+        self._vectors = np.zeros((0, codebook.dim), dtype=np.float64)
+        self.rows = 0
+
+    @property
+    def codebook(self) -> Codebook:
+        """The codebook rows are keyed with."""
+        return self._codebook
+
+    @property
+    def dim(self) -> int:
+        """Embedding dimension (the codebook's)."""
+        return self._codebook.dim
+
+    def _slots(self, keys: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """Indices of the accumulators of ``keys`` (created, zeroed, when new)."""
+        slots = np.empty(keys.shape[0], dtype=np.int64)
+        for i, key in enumerate(keys.tolist()):
+            slot = self._index.get(key)
+            if slot is None:
+                slot = self._index[key] = len(self._index)
+            slots[i] = slot
+        needed = len(self._index)
+        if needed > self._capacity:
+            grow = max(needed, 2 * self._capacity, 64)
+            self._counts = np.resize(self._counts, grow)
+            self._counts[self._capacity :] = 0
+            self._weights = np.resize(self._weights, grow)
+            self._weights[self._capacity :] = 0.0
+            self._success = np.resize(self._success, grow)
+            self._success[self._capacity :] = 0.0
+            self._rows_used = np.resize(self._rows_used, grow)
+            self._rows_used[self._capacity :] = 0
+            vectors = np.zeros((grow, self.dim), dtype=np.float64)
+            vectors[: self._capacity] = self._vectors[: self._capacity]
+            self._vectors = vectors
+            self._capacity = grow
+        return slots
+
+    def add(self, contributions: Contributions) -> None:
+        """Add a batch of whole devices (every row of each of its devices).
+
+        Raises:
+            ValueError: the batch's embedding dimension is not the codebook's.
+        """
+        if contributions.dim != self.dim:
+            raise ValueError(
+                f"embedding dimension {contributions.dim} does not match the codebook's {self.dim}"
+            )
+        n = len(contributions)
+        if n == 0:
+            return
+        codebook = self._codebook
+        group = contributions.buckets.astype(np.int64) * codebook.k + codebook.assign(
+            contributions.embeddings
         )
-    pair_weight *= scale
-    pair_success *= scale
+        device = _factorize(contributions.device_keys)
+        rates = contributions.success_rates.astype(np.float64)
+        weight = rates * contributions.sample_counts.astype(np.float64)
 
-    # Per device keep its max_groups heaviest groups (ties: lower group key first).
-    keep = np.ones(n_pairs, dtype=bool)
-    if max_groups is not None and n_pairs:
-        order = np.lexsort((pair_group, -pair_weight, pair_device))
-        dev_sorted = pair_device[order]
-        run_starts = np.flatnonzero(np.r_[True, dev_sorted[1:] != dev_sorted[:-1]])
-        run_lengths = np.diff(np.r_[run_starts, n_pairs])
-        rank = np.arange(n_pairs) - np.repeat(run_starts, run_lengths)
-        keep[order] = rank < max_groups
+        # One entry per (device, group): merge a device's rows in a group, then clip the
+        # merged weight.
+        group_keys, group_code = np.unique(group, return_inverse=True)
+        group_code = group_code.reshape(-1)
+        n_groups = int(group_keys.shape[0])
+        pair_keys, pair_of_row = np.unique(device * n_groups + group_code, return_inverse=True)
+        pair_of_row = pair_of_row.reshape(-1)
+        n_pairs = int(pair_keys.shape[0])
+        pair_device = pair_keys // n_groups
+        pair_group = pair_keys % n_groups
+        pair_weight = _float_bincount(pair_of_row, weight, n_pairs)
+        pair_success = _float_bincount(pair_of_row, weight * rates, n_pairs)
+        if self._clip is None:
+            scale = np.ones(n_pairs, dtype=np.float64)
+        else:
+            scale = np.minimum(
+                1.0,
+                np.divide(
+                    self._clip,
+                    pair_weight,
+                    out=np.ones(n_pairs, dtype=np.float64),
+                    where=pair_weight > self._clip,
+                ),
+            )
+        pair_weight *= scale
+        pair_success *= scale
 
-    kept_group = pair_group[keep]
-    counts = np.bincount(kept_group, minlength=n_groups_all)
-    weight_sums = _float_bincount(kept_group, pair_weight[keep], n_groups_all)
-    success_sums = _float_bincount(kept_group, pair_success[keep], n_groups_all)
+        # Per device keep its max_groups heaviest groups (ties: lower group key first).
+        keep = np.ones(n_pairs, dtype=bool)
+        if self._max_groups is not None:
+            order = np.lexsort((pair_group, -pair_weight, pair_device))
+            dev_sorted = pair_device[order]
+            run_starts = np.flatnonzero(np.r_[True, dev_sorted[1:] != dev_sorted[:-1]])
+            run_lengths = np.diff(np.r_[run_starts, n_pairs])
+            rank = np.arange(n_pairs) - np.repeat(run_starts, run_lengths)
+            keep[order] = rank < self._max_groups
 
-    candidates = np.flatnonzero(counts >= min_sources)
-    to_candidate = np.full(n_groups_all, -1, dtype=np.int64)
-    to_candidate[candidates] = np.arange(candidates.shape[0])
-    pair_candidate = np.where(keep, to_candidate[pair_group], -1)
-    row_group = pair_candidate[pair_of_row] if n else np.empty(0, dtype=np.int64)
-    row_coef = weight * scale[pair_of_row]
-    vectors = _weighted_vector_sums(
-        contributions.embeddings, row_group, row_coef, int(candidates.shape[0])
-    )
-    return _GroupSums(
-        keys=group_keys[candidates].astype(np.int64),
-        counts=counts[candidates].astype(np.int64),
-        weight_sums=weight_sums[candidates],
-        success_sums=success_sums[candidates],
-        vector_sums=vectors,
-        row_group=row_group,
-        groups_total=int(np.count_nonzero(counts)),
-    )
+        kept_group = pair_group[keep]
+        row_group = np.where(keep[pair_of_row], group_code, -1)
+        row_coef = weight * scale[pair_of_row]
+        slots = self._slots(group_keys.astype(np.int64))
+        self._counts[slots] += np.bincount(kept_group, minlength=n_groups)
+        self._weights[slots] += _float_bincount(kept_group, pair_weight[keep], n_groups)
+        self._success[slots] += _float_bincount(kept_group, pair_success[keep], n_groups)
+        used = row_group[row_group >= 0]
+        self._rows_used[slots] += np.bincount(used, minlength=n_groups)
+        self._vectors[slots] += _weighted_vector_sums(
+            contributions.embeddings, row_group, row_coef, n_groups
+        )
+        self.rows += n
+
+    def merge(self, other: GroupAccumulator) -> None:
+        """Add another accumulator's sums (e.g. one shard's, once its export completed).
+
+        Raises:
+            ValueError: the two use different codebooks or settings.
+        """
+        if (other._codebook is not self._codebook) or (
+            (other._clip, other._max_groups) != (self._clip, self._max_groups)
+        ):
+            raise ValueError("accumulators of different codebooks or settings")
+        if not other._index:
+            return
+        keys = np.fromiter(other._index.keys(), dtype=np.int64, count=len(other._index))
+        theirs = np.fromiter(other._index.values(), dtype=np.int64, count=len(other._index))
+        slots = self._slots(keys)
+        self._counts[slots] += other._counts[theirs]
+        self._weights[slots] += other._weights[theirs]
+        self._success[slots] += other._success[theirs]
+        self._rows_used[slots] += other._rows_used[theirs]
+        self._vectors[slots] += other._vectors[theirs]
+        self.rows += other.rows
+
+    def sums(self, min_sources: int) -> _GroupSums:
+        """The exact sums of the groups with ``>= min_sources`` devices, ascending keys."""
+        keys = np.fromiter(self._index.keys(), dtype=np.int64, count=len(self._index))
+        slots = np.fromiter(self._index.values(), dtype=np.int64, count=len(self._index))
+        order = np.argsort(keys, kind="stable")
+        keys, slots = keys[order], slots[order]
+        counts = self._counts[slots]
+        candidates = slots[counts >= min_sources]
+        return _GroupSums(
+            keys=keys[counts >= min_sources],
+            counts=self._counts[candidates].copy(),
+            weight_sums=self._weights[candidates].copy(),
+            success_sums=self._success[candidates].copy(),
+            vector_sums=self._vectors[candidates].copy(),
+            rows_used=self._rows_used[candidates].copy(),
+            groups_total=int(np.count_nonzero(counts)),
+        )
 
 
 def federated_average(
@@ -510,35 +620,63 @@ def federated_average(
             privacy budget leaves nothing for group selection (Laplace with ``delta == 0``). Raised
             before anything is charged to ``accountant``.
     """
-    if isinstance(min_sources, bool) or not isinstance(min_sources, int | np.integer):
-        raise ValueError(f"min_sources must be an int, got {min_sources!r}")
-    if min_sources < 1:
-        raise ValueError(f"min_sources must be >= 1, got {min_sources}")
+    _check_min_sources(min_sources)
     if codebook.dim != contributions.dim:
         raise ValueError(
             f"embedding dimension {contributions.dim} does not match the codebook's {codebook.dim}"
         )
-    dim = contributions.dim
+    if privacy is not None and math.isinf(selection_margin(privacy, contributions.dim)):
+        raise ValueError(_NO_SELECTION)
+    accumulator = GroupAccumulator(
+        codebook,
+        clipping_norm=None if privacy is None else privacy.clipping_norm,
+        max_groups=None if privacy is None else privacy.max_patterns_per_device,
+    )
+    accumulator.add(contributions)
+    return release_round(
+        accumulator, min_sources=min_sources, privacy=privacy, accountant=accountant, rng=rng
+    )
+
+
+def release_round(
+    accumulator: GroupAccumulator,
+    *,
+    min_sources: int,
+    privacy: PrivacyParams | None,
+    accountant: PrivacyAccountant | None,
+    rng: np.random.Generator,
+) -> AggregationResult:
+    """Steps 3 to 5 of `federated_average` over the sums of a streamed round.
+
+    Args:
+        accumulator: Every exported row of the round, added as whole devices; built with
+            ``clipping_norm`` and ``max_groups`` from ``privacy`` (None, None without it).
+        min_sources: k of k-anonymity, ``>= 1``.
+        privacy: DP settings, or None for plain FedAvg.
+        accountant: Charged once when ``privacy`` is set (see `federated_average`).
+        rng: Source of all noise.
+
+    Returns:
+        Published patterns sorted by ``pattern_key`` plus round figures.
+
+    Raises:
+        ValueError: ``min_sources < 1``, or the budget leaves nothing for group selection;
+            raised before anything is charged.
+    """
+    _check_min_sources(min_sources)
+    codebook = accumulator.codebook
+    dim = accumulator.dim
     margin = 0.0
     noisy = privacy is not None and privacy.noise_enabled
     if privacy is not None:
         margin = selection_margin(privacy, dim)
         if math.isinf(margin):
-            raise ValueError(
-                "group selection needs delta > 0 (Laplace with delta = 0 cannot publish groups "
-                "chosen from the data under pure epsilon-DP)"
-            )
+            raise ValueError(_NO_SELECTION)
         round_privacy: RoundPrivacy | None = (accountant or PrivacyAccountant()).spend(privacy)
     else:
         round_privacy = None
 
-    sums = _group_sums(
-        contributions,
-        codebook,
-        min_sources=int(min_sources),
-        clipping_norm=None if privacy is None else privacy.clipping_norm,
-        max_groups=None if privacy is None else privacy.max_patterns_per_device,
-    )
+    sums = accumulator.sums(int(min_sources))
     vectors = sums.vector_sums
     weight_sums = sums.weight_sums
     success_sums = sums.success_sums
@@ -595,11 +733,23 @@ def federated_average(
         )
     patterns.sort(key=lambda p: p.pattern_key)
 
-    used = sums.row_group[sums.row_group >= 0]
     return AggregationResult(
         patterns=patterns,
         privacy=round_privacy,
         groups_total=sums.groups_total,
         groups_kept=len(patterns),
-        contributions_used=int(np.count_nonzero(publish[used])) if used.size else 0,
+        contributions_used=int(sums.rows_used[publish].sum()),
     )
+
+
+_NO_SELECTION = (
+    "group selection needs delta > 0 (Laplace with delta = 0 cannot publish groups "
+    "chosen from the data under pure epsilon-DP)"
+)
+
+
+def _check_min_sources(min_sources: int) -> None:
+    if isinstance(min_sources, bool) or not isinstance(min_sources, int | np.integer):
+        raise ValueError(f"min_sources must be an int, got {min_sources!r}")
+    if min_sources < 1:
+        raise ValueError(f"min_sources must be >= 1, got {min_sources}")

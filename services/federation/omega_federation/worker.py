@@ -6,7 +6,9 @@ A round (ARCHITECTURE.md section 4):
 3. export from every shard, patterns stored since that shard's watermark with success rate
    >= the round threshold, and view counts since the last round;
 4. group by (context bucket, codebook centroid), keep groups with >= ``min_sources`` devices,
-   quality-weighted federated averaging with differential privacy (`aggregation`);
+   quality-weighted federated averaging with differential privacy (`aggregation`), streamed:
+   each export batch is aggregated as it arrives (whole devices), so a round holds per-group
+   sums, not its patterns;
 5. trends from noisy view counts, decayed per hour (`trends`);
 6. the collaborative model: create it or take one noisy subspace-iteration step from the
    devices' model updates, charged to its privacy ledger (`model_round`);
@@ -30,7 +32,12 @@ from omega.v1 import federation_pb2, federation_pb2_grpc, patterns_pb2, sync_pb2
 from omega_common.errors import UnavailableError
 from omega_federation import metrics
 from omega_federation.accounting import calibrate_noise_multiplier
-from omega_federation.aggregation import AggregatedPattern, Contributions, federated_average
+from omega_federation.aggregation import (
+    AggregatedPattern,
+    Contributions,
+    GroupAccumulator,
+    release_round,
+)
 from omega_federation.codebook import Codebook
 from omega_federation.model_round import ModelSettings, ModelState, model_round
 from omega_federation.privacy import PrivacyAccountant, PrivacyParams
@@ -80,15 +87,63 @@ class RoundReport:
 
 @dataclass
 class _Export:
+    """What a round took from the shards: pattern sums, view counts, model updates."""
+
+    accumulator: GroupAccumulator | None  # None: the patterns pipeline is off this round
+    patterns: int = 0
+    views: dict[str, int] = field(default_factory=dict)
+    model_updates: dict[str, ItemFactorContribution] = field(default_factory=dict)
+    malformed_model_updates: int = 0
+
+    def merge(self, other: _Export) -> None:
+        """Add one shard's completed export."""
+        if self.accumulator is not None and other.accumulator is not None:
+            self.accumulator.merge(other.accumulator)
+        self.patterns += other.patterns
+        for content_id, views in other.views.items():
+            self.views[content_id] = self.views.get(content_id, 0) + views
+        self.model_updates.update(other.model_updates)
+        self.malformed_model_updates += other.malformed_model_updates
+
+
+@dataclass
+class _Rows:
+    """Exported patterns not aggregated yet (columns)."""
+
     device_keys: list[str] = field(default_factory=list)
     buckets: list[int] = field(default_factory=list)
     codes: list[bytes] = field(default_factory=list)
     scales: list[float] = field(default_factory=list)
     rates: list[float] = field(default_factory=list)
     samples: list[int] = field(default_factory=list)
-    views: dict[str, int] = field(default_factory=dict)
-    model_updates: dict[str, ItemFactorContribution] = field(default_factory=dict)
-    malformed_model_updates: int = 0
+
+    def __len__(self) -> int:
+        return len(self.device_keys)
+
+    def split_last_device(self) -> _Rows:
+        """Remove the rows of the last device (it may go on in the next batch); return them."""
+        last = self.device_keys[-1]
+        cut = len(self.device_keys)
+        while cut > 0 and self.device_keys[cut - 1] == last:
+            cut -= 1
+        rest = _Rows(
+            self.device_keys[cut:],
+            self.buckets[cut:],
+            self.codes[cut:],
+            self.scales[cut:],
+            self.rates[cut:],
+            self.samples[cut:],
+        )
+        for column in (
+            self.device_keys,
+            self.buckets,
+            self.codes,
+            self.scales,
+            self.rates,
+            self.samples,
+        ):
+            del column[cut:]
+        return rest
 
     def contributions(self) -> Contributions:
         n = len(self.codes)
@@ -99,7 +154,7 @@ class _Export:
         return Contributions(
             device_keys=np.asarray(self.device_keys, dtype=object),
             buckets=np.asarray(self.buckets, dtype=np.int32),
-            embeddings=embeddings.astype(np.float32),
+            embeddings=embeddings.astype(np.float32, copy=False),
             success_rates=np.asarray(self.rates, dtype=np.float32),
             sample_counts=np.maximum(np.asarray(self.samples, dtype=np.int64), 1),
         )
@@ -122,11 +177,29 @@ async def _export_shard(
     stub: federation_pb2_grpc.FederationStub,
     mark: ShardMark,
     settings: FederationSettings,
-    sink: _Export,
-) -> tuple[ShardMark, int]:
-    async def once() -> tuple[list[federation_pb2.PatternBatch], int]:
-        batches = []
-        version = 0
+    codebook: Codebook | None,
+    privacy: PrivacyParams,
+) -> tuple[ShardMark, _Export]:
+    """Stream one shard's export into its own `_Export` (retried whole on failure).
+
+    The shard sends a device's patterns consecutively (ordered by device), so each batch is
+    aggregated at once as whole devices, holding back only the last device's rows until the
+    next batch shows where it ends: memory stays at one batch plus the per-group sums
+    (`GroupAccumulator`), whatever the number of patterns.
+    """
+
+    async def once() -> tuple[_Export, int, int]:
+        sink = _Export(
+            GroupAccumulator(
+                codebook,
+                clipping_norm=privacy.clipping_norm,
+                max_groups=privacy.max_patterns_per_device,
+            )
+            if codebook is not None
+            else None
+        )
+        version, watermark = 0, mark.watermark_ms
+        pending = _Rows()
         call = stub.ExportPatterns(
             federation_pb2.ExportPatternsRequest(
                 since_updated_at_ms=mark.watermark_ms,
@@ -137,44 +210,59 @@ async def _export_shard(
             timeout=settings.rpc_timeout_seconds,
         )
         async for batch in call:
-            batches.append(batch)
             version = batch.global_version
-        return batches, version
+            watermark = max(watermark, batch.watermark_ms)
+            _take_batch(shard_id, batch, sink, pending)
+            if sink.accumulator is not None and len(pending):
+                tail = pending.split_last_device()
+                if len(pending):
+                    await asyncio.to_thread(sink.accumulator.add, pending.contributions())
+                pending = tail
+        if sink.accumulator is not None and len(pending):
+            await asyncio.to_thread(sink.accumulator.add, pending.contributions())
+        return sink, version, watermark
 
-    batches, shard_version = await _call(f"export from {shard_id}", settings.rpc_attempts, once)
-    watermark = mark.watermark_ms
-    count = 0
-    for batch in batches:
-        watermark = max(watermark, batch.watermark_ms)
-        for exported in batch.patterns:
-            p = exported.pattern
-            try:
-                bucket = bucket_from_context(p.context).index
-            except ValueError:
-                continue  # a shard validated contexts on write; skip anything odd
-            if (
-                p.embedding.encoding != patterns_pb2.EMBEDDING_ENCODING_INT8
-                or p.embedding.dim != EMBEDDING_DIM
-            ):
-                continue
-            sink.device_keys.append(f"{shard_id}/{exported.device_key}")
-            sink.buckets.append(bucket)
-            sink.codes.append(p.embedding.data)
-            sink.scales.append(p.embedding.scale)
-            sink.rates.append(min(max(p.success_rate, 0.0), 1.0))
-            sink.samples.append(p.sample_count)
-            count += 1
-        for view in batch.content_views:
-            sink.views[view.content_id] = sink.views.get(view.content_id, 0) + view.views
-        for exported_update in batch.model_updates:
-            try:
-                update = decode_item_factor_update(exported_update.update)
-            except ModelUpdateError:
-                sink.malformed_model_updates += 1  # a shard validated it on write
-                continue
-            sink.model_updates[f"{shard_id}/{exported_update.device_key}"] = update
+    sink, shard_version, watermark = await _call(
+        f"export from {shard_id}", settings.rpc_attempts, once
+    )
     # Views tagged with rounds up to the shard's current version are now counted.
-    return ShardMark(watermark, shard_version + 1), count
+    return ShardMark(watermark, shard_version + 1), sink
+
+
+def _take_batch(
+    shard_id: str, batch: federation_pb2.PatternBatch, sink: _Export, pending: _Rows
+) -> None:
+    """Move one export batch into ``sink`` (views, model updates, the pattern count) and its
+    usable patterns into ``pending`` (only when the patterns pipeline is on)."""
+    for exported in batch.patterns:
+        p = exported.pattern
+        if (
+            p.embedding.encoding != patterns_pb2.EMBEDDING_ENCODING_INT8
+            or p.embedding.dim != EMBEDDING_DIM
+        ):
+            continue
+        try:
+            bucket = bucket_from_context(p.context).index
+        except ValueError:
+            continue  # a shard validated contexts on write; skip anything odd
+        sink.patterns += 1
+        if sink.accumulator is None:
+            continue
+        pending.device_keys.append(f"{shard_id}/{exported.device_key}")
+        pending.buckets.append(bucket)
+        pending.codes.append(p.embedding.data)
+        pending.scales.append(p.embedding.scale)
+        pending.rates.append(min(max(p.success_rate, 0.0), 1.0))
+        pending.samples.append(p.sample_count)
+    for view in batch.content_views:
+        sink.views[view.content_id] = sink.views.get(view.content_id, 0) + view.views
+    for exported_update in batch.model_updates:
+        try:
+            update = decode_item_factor_update(exported_update.update)
+        except ModelUpdateError:
+            sink.malformed_model_updates += 1  # a shard validated it on write
+            continue
+        sink.model_updates[f"{shard_id}/{exported_update.device_key}"] = update
 
 
 def _publish_request(
@@ -282,23 +370,6 @@ async def _new_round(
     round_id = (latest.round_id if latest else 0) + 1
     stubs = {s: federation_pb2_grpc.FederationStub(c) for s, c in channels.items()}
     marks = dict(latest.marks) if latest else {}
-    sink = _Export()
-    results = await asyncio.gather(
-        *(
-            _export_shard(s, stub, marks.get(s, ShardMark()), settings, sink)
-            for s, stub in stubs.items()
-        )
-    )
-    new_marks = {s: r[0] for s, r in zip(stubs, results, strict=True)}
-    per_shard = {s: r[1] for s, r in zip(stubs, results, strict=True)}
-    exported = sum(per_shard.values())
-    metrics.PATTERNS_EXPORTED.inc(exported)
-
-    accountant = (
-        PrivacyAccountant.from_dict(latest.privacy)
-        if latest and latest.privacy
-        else PrivacyAccountant()
-    )
     params = PrivacyParams(
         epsilon=settings.epsilon,
         delta=settings.delta,
@@ -306,17 +377,41 @@ async def _new_round(
         mechanism=settings.mechanism,
         max_patterns_per_device=settings.max_patterns_per_device,
     )
+    codebook = await _codebook(state, channels, settings) if settings.patterns_enabled else None
+    results = await asyncio.gather(
+        *(
+            _export_shard(s, stub, marks.get(s, ShardMark()), settings, codebook, params)
+            for s, stub in stubs.items()
+        )
+    )
+    new_marks = {s: r[0] for s, r in zip(stubs, results, strict=True)}
+    per_shard = {s: r[1].patterns for s, r in zip(stubs, results, strict=True)}
+    sink = _Export(
+        GroupAccumulator(
+            codebook,
+            clipping_norm=params.clipping_norm,
+            max_groups=params.max_patterns_per_device,
+        )
+        if codebook is not None
+        else None
+    )
+    for _, shard_sink in results:
+        sink.merge(shard_sink)
+    exported = sink.patterns
+    metrics.PATTERNS_EXPORTED.inc(exported)
+
+    accountant = (
+        PrivacyAccountant.from_dict(latest.privacy)
+        if latest and latest.privacy
+        else PrivacyAccountant()
+    )
     rng = np.random.default_rng(None if settings.seed is None else [settings.seed, round_id])
     patterns: list[AggregatedPattern] = []
     groups_total = 0
     epsilon = 0.0
-    if exported and settings.patterns_enabled:
-        contributions = sink.contributions()
-        codebook = await _codebook(state, channels, contributions.embeddings, settings)
-        result = await asyncio.to_thread(
-            federated_average,
-            contributions,
-            codebook,
+    if exported and sink.accumulator is not None:
+        result = release_round(
+            sink.accumulator,
             min_sources=settings.min_sources,
             privacy=params,
             accountant=accountant,
@@ -519,23 +614,23 @@ def _model_noise_multiplier(settings: FederationSettings) -> float:
 async def _codebook(
     state: WorkerState,
     channels: Mapping[str, grpc.aio.Channel],
-    fallback: np.ndarray,
     settings: FederationSettings,
-) -> Codebook:
+) -> Codebook | None:
     """The stored codebook, or a new one trained once and then kept stable across rounds.
 
     It is trained on the public catalog embeddings (fetched from a shard), so the pattern keys
-    cost no privacy budget: device patterns live in the same space, being running means of
-    content embeddings. Only when the catalog is empty does it fall back to this round's
-    (private) pattern embeddings, which is logged.
+    cost no privacy budget and do not depend on a round's data (a condition of the DP
+    guarantee, see `aggregation.federated_average`): device patterns live in the same space,
+    being running means of content embeddings. With an empty catalog there is nothing public
+    to train on: None, and the round publishes no patterns (logged).
     """
     data = await state.codebook()
     if data is not None:
         return Codebook.from_bytes(data)
     _, public = await _catalog(channels, settings)
     if len(public) == 0:
-        _log.warning("codebook_from_private_patterns", reason="empty catalog")
-        public = fallback
+        _log.warning("patterns_skipped", reason="empty catalog: no public data for a codebook")
+        return None
     codebook = await asyncio.to_thread(
         Codebook.train, public, settings.codebook_size, settings.seed or 0
     )

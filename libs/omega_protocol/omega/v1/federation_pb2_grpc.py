@@ -52,7 +52,8 @@ class FederationServicer:
     """
 
     def ExportPatterns(self, request, context):
-        """Stream patterns updated since a watermark, above a quality threshold.
+        """Stream patterns updated since a watermark, above a quality threshold, in device order (all
+        patterns of one device are consecutive, so the worker aggregates each batch at once).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -34,7 +34,9 @@ class FederationStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> FederationAsyncStub: ...
     ExportPatterns: _grpc.UnaryStreamMultiCallable[_federation_pb2.ExportPatternsRequest, _federation_pb2.PatternBatch]
-    """Stream patterns updated since a watermark, above a quality threshold."""
+    """Stream patterns updated since a watermark, above a quality threshold, in device order (all
+    patterns of one device are consecutive, so the worker aggregates each batch at once).
+    """
     PublishRound: _grpc.UnaryUnaryMultiCallable[_federation_pb2.PublishRoundRequest, _federation_pb2.PublishRoundResponse]
     """Store a round's aggregated patterns and trends for this shard."""
 
@@ -44,7 +46,9 @@ class FederationAsyncStub(FederationStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ExportPatterns: _aio.UnaryStreamMultiCallable[_federation_pb2.ExportPatternsRequest, _federation_pb2.PatternBatch]  # type: ignore[assignment]
-    """Stream patterns updated since a watermark, above a quality threshold."""
+    """Stream patterns updated since a watermark, above a quality threshold, in device order (all
+    patterns of one device are consecutive, so the worker aggregates each batch at once).
+    """
     PublishRound: _aio.UnaryUnaryMultiCallable[_federation_pb2.PublishRoundRequest, _federation_pb2.PublishRoundResponse]  # type: ignore[assignment]
     """Store a round's aggregated patterns and trends for this shard."""
 
@@ -57,7 +61,9 @@ class FederationServicer(metaclass=_abc_1.ABCMeta):
         request: _federation_pb2.ExportPatternsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_federation_pb2.PatternBatch], _abc.AsyncIterator[_federation_pb2.PatternBatch]]:
-        """Stream patterns updated since a watermark, above a quality threshold."""
+        """Stream patterns updated since a watermark, above a quality threshold, in device order (all
+        patterns of one device are consecutive, so the worker aggregates each batch at once).
+        """
 
     @_abc_1.abstractmethod
     def PublishRound(
