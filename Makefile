@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PROTO_FILES := $(wildcard proto/omega/v1/*.proto)
 PROTO_OUT := libs/omega_protocol
 
-.PHONY: help setup run data test test-unit test-integration chaos lint format typecheck proto proto-check bench bench-sync bench-quality bench-recommend fuzz deploy-secrets deploy-check prometheus-live clean
+.PHONY: help setup run data test test-unit test-integration chaos lint format typecheck proto proto-check bench bench-sync bench-brain bench-federation bench-quality bench-recommend fuzz deploy-secrets deploy-check prometheus-live clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -53,10 +53,16 @@ typecheck: $(STAMP) ## mypy (strict) on our code
 	$(VENV)/bin/mypy bench
 	$(VENV)/bin/mypy tools
 
-bench: bench-sync bench-recommend bench-quality ## Every benchmark (about 12 min); figures in reports/bench.json
+bench: bench-sync bench-brain bench-federation bench-recommend bench-quality ## Every benchmark (about 12 min); figures in reports/bench.json
 
 bench-sync: $(STAMP) ## The shard's SyncPatterns pipeline vs a bare grpc.aio echo server, same requests and load generator (about 2 min)
 	$(PY) -m bench.sync_throughput
+
+bench-brain: $(STAMP) ## The TV brain on one core, MovieLens and 100K synthetic catalogs: start/reopen, recommend/observe p50/p99, RSS, store size, recall@10 (about 2 min)
+	$(PY) -m bench.brain_bench
+
+bench-federation: $(STAMP) ## The federation worker at 10K/100K/1M patterns: aggregation alone and whole rounds over gRPC, wall time and peak RSS (about 2 min)
+	$(PY) -m bench.federation_bench
 
 bench-recommend: $(STAMP) ## recommend() p50/p99 at 100K items with the collaborative model vs without, one core
 	$(PY) bench/recommend_latency.py

@@ -118,7 +118,7 @@ class LoadResult:
 
 
 async def _closed(
-    stub: grpc.aio.UnaryUnaryMultiCallable,
+    stubs: list[grpc.aio.UnaryUnaryMultiCallable],
     requests: list[bytes],
     start_index: int,
     concurrency: int,
@@ -129,7 +129,7 @@ async def _closed(
     next_index = start_index
     deadline = time.perf_counter() + seconds
 
-    async def lane() -> None:
+    async def lane(stub: grpc.aio.UnaryUnaryMultiCallable) -> None:
         nonlocal next_index
         while time.perf_counter() < deadline and next_index < len(requests):
             body = requests[next_index]
@@ -147,13 +147,13 @@ async def _closed(
             result.bytes_down += len(answer)
 
     t_start = time.perf_counter()
-    await asyncio.gather(*(lane() for _ in range(concurrency)))
+    await asyncio.gather(*(lane(stubs[i % len(stubs)]) for i in range(concurrency)))
     result.elapsed_seconds = time.perf_counter() - t_start
     return result, next_index
 
 
 async def _open(
-    stub: grpc.aio.UnaryUnaryMultiCallable,
+    stubs: list[grpc.aio.UnaryUnaryMultiCallable],
     requests: list[bytes],
     start_index: int,
     rate: float,
@@ -164,7 +164,7 @@ async def _open(
     count = min(int(rate * seconds), len(requests) - start_index)
     t_start = time.perf_counter()
 
-    async def one(body: bytes, scheduled: float) -> None:
+    async def one(stub: grpc.aio.UnaryUnaryMultiCallable, body: bytes, scheduled: float) -> None:
         try:
             answer = await stub(body, timeout=rpc_timeout)
         except grpc.aio.AioRpcError as exc:
@@ -182,7 +182,7 @@ async def _open(
         body = requests[start_index + k]
         result.sent += 1
         result.bytes_up += len(body)
-        tasks.append(asyncio.create_task(one(body, scheduled)))
+        tasks.append(asyncio.create_task(one(stubs[k % len(stubs)], body, scheduled)))
     await asyncio.gather(*tasks)
     result.elapsed_seconds = time.perf_counter() - t_start
     return result, start_index + count
@@ -193,23 +193,34 @@ async def _run_phases(
     requests: list[bytes],
     phases: list[tuple[str, float, float]],
     rpc_timeout: float,
+    connections: int,
 ) -> list[LoadResult]:
     results: list[LoadResult] = []
     index = 0
-    options = [("grpc.max_receive_message_length", 16 << 20)]
-    async with grpc.aio.insecure_channel(target, options=options) as channel:
-        await asyncio.wait_for(channel.channel_ready(), 30)
-        stub = channel.unary_unary(SYNC_METHOD)
+    # Each channel its own TCP connection (no shared subchannel), so that several server
+    # processes on one port (SO_REUSEPORT) each get some of them.
+    options = [
+        ("grpc.max_receive_message_length", 16 << 20),
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
+    channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(connections)]
+    try:
+        for channel in channels:
+            await asyncio.wait_for(channel.channel_ready(), 30)
+        stubs = [c.unary_unary(SYNC_METHOD) for c in channels]
         for kind, amount, seconds in phases:
             cpu0 = time.process_time()
             if kind == "closed":
                 result, index = await _closed(
-                    stub, requests, index, int(amount), seconds, rpc_timeout
+                    stubs, requests, index, int(amount), seconds, rpc_timeout
                 )
             else:
-                result, index = await _open(stub, requests, index, amount, seconds, rpc_timeout)
+                result, index = await _open(stubs, requests, index, amount, seconds, rpc_timeout)
             result.cpu_seconds = time.process_time() - cpu0
             results.append(result)
+    finally:
+        for channel in channels:
+            await channel.close()
     return results
 
 
@@ -222,6 +233,7 @@ def run_worker(
     phases: list[tuple[str, float, float]],
     device_prefix: str,
     timeout: float = 10.0,
+    connections: int = 1,
 ) -> list[LoadResult]:
     """One load-generator process: build its requests, then run the phases in order.
 
@@ -237,6 +249,7 @@ def run_worker(
             seconds)`` for this worker.
         device_prefix: Distinguishes the devices of different runs against one database.
         timeout: Deadline of each RPC, in seconds.
+        connections: TCP connections (gRPC channels) this worker spreads its calls over.
 
     Returns:
         One `LoadResult` per phase.
@@ -247,4 +260,4 @@ def run_worker(
         request_bytes(template, f"{device_prefix}-{worker}-{k % devices}", k // devices + 1)
         for k in range(total_requests)
     ]
-    return asyncio.run(_run_phases(target, requests, phases, timeout))
+    return asyncio.run(_run_phases(target, requests, phases, timeout, connections))

@@ -123,11 +123,19 @@ class Phase:
 class Runner:
     """Runs phases with a pool of load-generator processes against one target."""
 
-    def __init__(self, pool: ProcessPoolExecutor, workers: int, catalog: Path, pid: int):
+    def __init__(
+        self,
+        pool: ProcessPoolExecutor,
+        workers: int,
+        catalog: Path,
+        pids: list[int],
+        connections: int,
+    ):
         self._pool = pool
         self._workers = workers
         self._catalog = catalog
-        self._pid = pid
+        self._pids = pids
+        self._connections = connections
 
     def run(self, label: str, kind: str, amount: float, seconds: float, target: str) -> Phase:
         """``kind`` "closed" (``amount`` in flight in total) or "open" (``amount`` syncs/s)."""
@@ -138,7 +146,7 @@ class Runner:
         else:
             needed = int(per_worker * seconds) + 10
         prefix = f"bench-{uuid.uuid4().hex[:8]}"
-        server0, pg0 = _cpu_seconds(self._pid), _postgres_cpu_seconds()
+        server0, pg0 = self._server_cpu(), _postgres_cpu_seconds()
         futures = [
             self._pool.submit(
                 run_worker,
@@ -149,6 +157,7 @@ class Runner:
                 total_requests=needed,
                 phases=[(kind, per_worker, seconds)],
                 device_prefix=prefix,
+                connections=self._connections,
             )
             for w in range(self._workers)
         ]
@@ -162,22 +171,25 @@ class Runner:
             merged.sent += p.sent
             merged.cpu_seconds += p.cpu_seconds
             merged.elapsed_seconds = max(merged.elapsed_seconds, p.elapsed_seconds)
-        server = _cpu_seconds(self._pid) - server0
+        server = self._server_cpu() - server0
         postgres = _postgres_cpu_seconds() - pg0
         offered = f"{amount:.0f} in flight" if kind == "closed" else f"{amount:.0f}/s open"
         return Phase(label, offered, merged, server, postgres)
+
+    def _server_cpu(self) -> float:
+        return sum(_cpu_seconds(pid) for pid in self._pids)
 
 
 def _measure(
     name: str,
     target: str,
-    pid: int,
+    pids: list[int],
     pool: ProcessPoolExecutor,
     catalog: Path,
     args: argparse.Namespace,
 ) -> dict[str, Any]:
     """Maximum (closed-loop sweep) then 70% of it open-loop, against one server."""
-    runner = Runner(pool, args.workers, catalog, pid)
+    runner = Runner(pool, args.workers, catalog, pids, args.connections)
     runner.run("warm-up", "closed", 16, min(2.0, args.seconds), target)
     sweep = []
     for n, c in enumerate(args.in_flight):
@@ -189,7 +201,7 @@ def _measure(
                     str(Path(sys.executable).with_name("py-spy")),
                     "record",
                     "--pid",
-                    str(pid),
+                    str(pids[0]),
                     "--duration",
                     str(max(1, int(args.seconds))),
                     "--format",
@@ -240,6 +252,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--postgres-url", help="maintenance DSN (default: local, else embedded)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="reports/bench.json")
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="shard processes on one port and database (SO_REUSEPORT; default 1)",
+    )
+    parser.add_argument(
+        "--connections", type=int, default=4, help="TCP connections per load-generator worker"
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     parser.add_argument(
         "--profile",
@@ -273,6 +294,9 @@ async def _main(args: argparse.Namespace, extra: dict[str, str]) -> int:
         )
         echo = None
         try:
+            pids = [shard.pid]
+            for _ in range(args.replicas - 1):
+                pids.append(await shard.add_replica())
             catalog = work / "catalog.npz"
             template = template_request(catalog)
             body = request_bytes(template, "bench-probe", 1)
@@ -288,13 +312,13 @@ async def _main(args: argparse.Namespace, extra: dict[str, str]) -> int:
                     _measure,
                     "bare echo",
                     f"127.0.0.1:{echo_port}",
-                    echo.pid or 0,
+                    [echo.pid or 0],
                     pool,
                     catalog,
                     args,
                 )
                 full = await asyncio.to_thread(
-                    _measure, "pipeline", shard.targets[0], shard.pid, pool, catalog, args
+                    _measure, "pipeline", shard.targets[0], pids, pool, catalog, args
                 )
         finally:
             if echo is not None and echo.is_alive():
@@ -322,6 +346,8 @@ def _section(
             "seconds_per_phase": args.seconds,
             "workers": args.workers,
             "in_flight_sweep": args.in_flight,
+            "replicas": args.replicas,
+            "connections_per_worker": args.connections,
             "quick": args.quick,
         },
         "request_bytes": up,

@@ -186,6 +186,8 @@ class ShardProcess:
     _admin_dsn: str
     _database: str
     _log: IO[bytes]
+    _env: dict[str, str]
+    replicas: list[asyncio.subprocess.Process]
 
     @classmethod
     async def start(
@@ -270,6 +272,8 @@ class ShardProcess:
             admin_dsn,
             name,
             log,
+            env,
+            [],
         )
         deadline = time.monotonic() + _START_TIMEOUT_SECONDS
         while not await _serving(shard.targets[0], 1.0):
@@ -279,6 +283,37 @@ class ShardProcess:
                 raise RuntimeError(f"the shard did not start:\n{tail}")
             await asyncio.sleep(0.2)
         return shard
+
+    async def add_replica(self) -> int:
+        """Start one more replica of this shard: same settings, database and ports.
+
+        gRPC sets SO_REUSEPORT on its listeners, so the kernel spreads new connections over
+        every process listening on the port. Returns its process id once it listens.
+
+        Raises:
+            RuntimeError: it exited or did not listen within 90 s.
+        """
+        log_path = self.log_path.with_name(f"replica-{len(self.replicas) + 1}.log")
+        with log_path.open("wb") as log:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "omega_constellation",
+                # Its "listening" line (INFO) tells when it serves: health checks on the
+                # shared port may reach the other processes.
+                env={**self._env, "OMEGA_CONSTELLATION_LOG_LEVEL": "INFO"},
+                stdout=log,
+                stderr=asyncio.subprocess.STDOUT,
+                stdin=asyncio.subprocess.DEVNULL,
+            )
+        self.replicas.append(process)
+        deadline = time.monotonic() + _START_TIMEOUT_SECONDS
+        while b'"listening"' not in log_path.read_bytes():
+            if process.returncode is not None or time.monotonic() > deadline:
+                tail = log_path.read_text(errors="replace")[-4000:]
+                raise RuntimeError(f"the replica did not start:\n{tail}")
+            await asyncio.sleep(0.2)
+        return int(process.pid)
 
     @property
     def pid(self) -> int:
@@ -290,7 +325,16 @@ class ShardProcess:
         return rss_bytes(self.pid)
 
     async def stop(self) -> None:
-        """SIGTERM the child (SIGKILL after 20 s), close its log, drop its database."""
+        """SIGTERM the child and its replicas (SIGKILL after 20 s), close its log, drop its
+        database."""
+        for replica in self.replicas:
+            if replica.returncode is None:
+                replica.send_signal(signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(replica.wait(), _STOP_TIMEOUT_SECONDS)
+                except TimeoutError:
+                    replica.kill()
+                    await replica.wait()
         if self.process.returncode is None:
             self.process.send_signal(signal.SIGTERM)
             try:
