@@ -124,3 +124,46 @@ async def test_a_round_split_into_tiny_batches_publishes_what_one_batch_does(
     for (_, _, q1, s1, e1), (_, _, q2, s2, e2) in zip(tiny, whole, strict=True):
         assert q1 == pytest.approx(q2, rel=1e-5) and s1 == pytest.approx(s2, rel=1e-5)
         assert np.allclose(e1, e2, atol=2e-3)  # int8 on the wire
+
+
+async def test_the_watermark_is_the_latest_row_whatever_the_export_order(
+    start_shard: StartShard, make_database: Callable[[], Awaitable[str]], tmp_path: Path
+) -> None:
+    # Rows are exported in device order: "tv-000" (stored last) comes before "tv-999"
+    # (stored first). The next round must not export either again.
+    import asyncio
+
+    from omega.v1 import sync_pb2
+
+    write_catalog(tmp_path / "catalog.npz")
+    server = await start_shard(
+        database_url=await make_database(), catalog_path=tmp_path / "catalog.npz"
+    )
+    async with (
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as device_channel,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.federation_port}") as channel,
+    ):
+        stub = sync_pb2_grpc.ConstellationSyncStub(device_channel)
+        for i, name in enumerate(("tv-999", "tv-000")):
+            request = device_request(i)
+            assert isinstance(request, sync_pb2.SyncPatternsRequest)
+            request.device_id = name
+            assert (await stub.SyncPatterns(request)).acknowledged_version == 1
+            await asyncio.sleep(0.01)  # distinct stored_at_ms
+        settings = FederationSettings(
+            shards={"shard-0": f"127.0.0.1:{server.federation_port}"},
+            min_sources=3,
+            min_success_rate=0.5,
+            codebook_size=2,
+            epsilon=float("inf"),
+            trend_noise_scale=0.0,
+            seed=3,
+            patterns_enabled=True,
+        )
+        state = await WorkerState.open(await make_database())
+        try:
+            first = await run_round(settings, state, {"shard-0": channel})
+            again = await run_round(settings, state, {"shard-0": channel})
+        finally:
+            await state.close()
+    assert first.exported_patterns == 6 and again.exported_patterns == 0

@@ -272,7 +272,8 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
         ):
             if pending is not None:
                 yield pending
-            watermark = max(watermark, batch[-1].stored_at_ms)
+            # Rows come in device order: the watermark is the latest of any row so far.
+            watermark = max(watermark, max(r.stored_at_ms for r in batch))
             pending = federation_pb2.PatternBatch(
                 patterns=[_exported(r) for r in batch],
                 watermark_ms=watermark,

@@ -743,8 +743,7 @@ class ShardStore:
             self._pool.acquire(timeout=self._timeout) as conn,
             conn.transaction(isolation="repeatable_read", readonly=True),
         ):
-            batch: list[ExportRow] = []
-            async for r in conn.cursor(
+            cursor = await conn.cursor(
                 "SELECT d.device_key, p.pattern_id, p.embedding, p.embedding_scale,"
                 " p.success_rate, p.sample_count, p.time_slot, p.day_type, p.content_type,"
                 " p.genre_hints, p.created_at_ms, p.updated_at_ms, p.stored_at_ms"
@@ -756,14 +755,9 @@ class ShardStore:
                 since_ms,
                 until_ms,
                 min_success_rate,
-                prefetch=max(batch_size, 100),
-            ):
-                batch.append(_export_row(r))
-                if len(batch) >= batch_size:
-                    yield batch
-                    batch = []
-            if batch:
-                yield batch
+            )
+            while rows := await cursor.fetch(batch_size):
+                yield [_export_row(r) for r in rows]
 
     async def content_views_since(self, round_id: int) -> list[tuple[str, int]]:
         """Summed view counts per content for rounds >= ``round_id``."""
