@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--open-factor", type=float, default=2.0, help="open phase length x")
     parser.add_argument("--workers", type=int, default=2, help="load-generator processes (2)")
     parser.add_argument(
-        "--in-flight", type=int, nargs="+", default=[16, 64, 128], help="closed-loop sweep"
+        "--in-flight", type=int, nargs="+", default=[16, 64, 128, 256], help="closed-loop sweep"
     )
     parser.add_argument("--postgres-url", help="maintenance DSN (default: local, else embedded)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="reports/bench.json")

@@ -107,7 +107,11 @@ class ShardStore:
             OSError, asyncpg.PostgresError: the database is unreachable or a migration failed.
         """
         pool = await asyncpg.create_pool(
-            dsn, min_size=min_size, max_size=max_size, command_timeout=timeout_seconds
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            command_timeout=timeout_seconds,
+            reset=_no_session_state,
         )
         async with pool.acquire() as conn:
             await apply_migrations(conn, load_migrations("omega_constellation"))
@@ -823,6 +827,16 @@ class ShardStore:
             )
             for r in rows
         ]
+
+
+async def _no_session_state(conn: asyncpg.Connection) -> None:
+    """The pool's reset on release: nothing to reset.
+
+    The shard never changes session state (no SET, LISTEN, advisory lock or cursor outside a
+    transaction), so asyncpg's default reset query (``pg_advisory_unlock_all(); CLOSE ALL;
+    UNLISTEN *; RESET ALL``), a round trip on every release, is skipped; asyncpg still rolls
+    back a transaction left open before calling this.
+    """
 
 
 def _refusal(
