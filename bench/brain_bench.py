@@ -16,9 +16,9 @@ For each catalog, one device with a file store (SQLite, as on a TV), default `Br
    process (median), and once in a fresh process (``cold open``: a power-on), where the VmRSS
    growth and peak (VmHWM) growth of the open are read too.
 5. **Recall@10** of the brain's index (``brain.catalog.search_positions``) against exact
-   search (numpy dot products) over the same vectors the brain indexed (normalized and rounded
-   to float16, as ``load_catalog`` documents), for ``--recall-queries`` queries of two kinds:
-   one taste (the unit mean of an item and its 4 exact nearest neighbours, like a pattern
+   search (numpy dot products) over the same vectors the brain indexed (normalized, stored as
+   int8 codes and decoded, as ``load_catalog`` documents), for ``--recall-queries`` queries of
+   two kinds: one taste (the unit mean of an item and its 4 exact nearest neighbours, like a pattern
    learnt from similar viewings) and mixed (the unit mean of 3 random items).
 6. **Index build**: ``CatalogIndex(...)`` alone with the brain's default index settings, the
    baseline of the reopen (reopen / build near 1 means the open rebuilds the index).
@@ -62,6 +62,7 @@ import numpy.typing as npt
 from bench.recommend_latency import _catalog as synthetic_catalog
 from bench.report import DEFAULT_JSON, format_table, machine, write_section
 from omega_brain import Brain, BrainConfig, CatalogIndex, ViewingEvent
+from omega_protocol import dequantize_int8, quantize_int8
 
 DEVICE = "bench-tv"
 MOMENT = 1_795_300_000_000  # Saturday 2026-11-21 22:26 UTC: the recommendation moment
@@ -280,8 +281,9 @@ def _measure(catalog: Catalog, work: Path, args: argparse.Namespace) -> dict[str
     assert index is not None and len(index) == n
     assert brain.stats().events_observed == events  # nothing lost across reopens
 
-    # Exact search over the vectors the brain indexed: normalized, rounded to float16.
-    vectors = _unit(catalog.embeddings).astype(np.float16).astype(np.float32)
+    # Exact search over the vectors the brain indexed: normalized, int8-quantized as stored
+    # (the wire's quantization), decoded and renormalized.
+    vectors = _unit(dequantize_int8(*quantize_int8(_unit(catalog.embeddings))))
     one_taste, mixed = _recall_queries(vectors, args.recall_queries)
     recall, recall_mixed = _recall(index, vectors, one_taste), _recall(index, vectors, mixed)
     del vectors

@@ -29,17 +29,18 @@ from google.protobuf.message import DecodeError
 
 from omega.v1 import patterns_pb2, sync_pb2
 from omega_brain.catalog import CatalogIndex
+from omega_brain.catalog_keeper import CatalogKeeper
 from omega_brain.collaborative import InteractionWeights, score_items, steer_factor, user_factor
 from omega_brain.config import BrainConfig
 from omega_brain.errors import (
     BrainError,
-    CatalogError,
     InvalidArgumentError,
     InvalidEventError,
     StoreError,
     SyncError,
     UnknownContentError,
 )
+from omega_brain.index_file import index_path
 from omega_brain.model import (
     AlignedModel,
     Preferences,
@@ -50,9 +51,8 @@ from omega_brain.model import (
 from omega_brain.models import BrainStats, Recommendation, SyncResult, ViewingEvent
 from omega_brain.patterns import Outcome, PatternState, apply_event, classify, normalize
 from omega_brain.ranking import GlobalSet, blend_global, mmr, model_relevance, top_unexcluded
-from omega_brain.store import GlobalPatternRow, PatternRow, Store, StoredCatalog
+from omega_brain.store import GlobalPatternRow, PatternRow, Store
 from omega_brain.transport import (
-    FetchedCatalog,
     FetchedModel,
     FetchProgress,
     RetryOutcome,
@@ -147,7 +147,9 @@ class Brain:
         transport: how to reach the shard; without one `sync` and `fetch_catalog` raise
             `BrainError` and everything else works offline.
         catalog: a prebuilt, possibly shared, catalog index. Without one the brain uses the
-            catalog persisted in its store, if any (see `load_catalog` / `fetch_catalog`).
+            catalog persisted in its store, if any (see `load_catalog` / `fetch_catalog`),
+            and its index persisted beside the store file (``<store>.faiss``, see
+            `omega_brain.catalog_keeper`), so opening does not rebuild it.
         clock: wall clock in seconds since the epoch (default `time.time`); used for "now"
             in `recommend` and for pattern timestamps.
 
@@ -195,6 +197,15 @@ class Brain:
         self._context_prefs_cache: dict[int, Preferences] = {}
         self._aligned_cache: tuple[AlignedModel | None] | None = None
         self._store = Store(self._config.store_path, device_id)
+        cfg = self._config
+        self._keeper = CatalogKeeper(
+            self._store,
+            index_path(cfg.store_path),
+            hnsw_m=cfg.hnsw_m,
+            ef_search=cfg.ef_search,
+            ef_construction=cfg.hnsw_ef_construction,
+            exact_max_items=cfg.exact_search_max_items,
+        )
         try:
             self._state = self._store.state()
             self._patterns = self._store.patterns()
@@ -207,12 +218,8 @@ class Brain:
             self._model = self._store.model()
             self._catalog = catalog
             if catalog is None:
-                stored = self._store.catalog()
-                if stored is not None:
-                    self._catalog = self._build_index(
-                        stored.content_ids, stored.embeddings, stored.titles, stored.genres
-                    )
-                    self._owns_catalog = True
+                self._catalog = self._keeper.open()
+                self._owns_catalog = self._catalog is not None
             self._reload_global()
         except BaseException:
             self._store.close()
@@ -244,10 +251,14 @@ class Brain:
         titles: Sequence[str] | None = None,
         genres: Sequence[Sequence[str]] | None = None,
     ) -> None:
-        """Replace the catalog: persist it to the store and build this brain's own index.
+        """Replace the catalog: persist it to the store and update this brain's own index.
 
-        Embeddings are normalized and rounded to float16 (the stored precision) before
-        indexing, so a reopened brain searches exactly the same vectors.
+        Embeddings are normalized and stored as the wire's int8 codes with a per-item scale;
+        the index holds those codes decoded and renormalized, so a reopened brain (or a
+        rebuilt index) searches exactly the same vectors. When a catalog is loaded already,
+        only the changes are applied: new and changed items are added to the index, removed
+        ones hidden (see `omega_brain.catalog_keeper`); the index file beside the store is
+        rewritten atomically.
 
         Args:
             content_ids: n distinct non-empty ids.
@@ -260,31 +271,19 @@ class Brain:
             StoreError: the store could not be written.
             BrainError: the brain is closed.
         """
-        ids = [str(c) for c in content_ids]
-        try:
-            x = np.asarray(embeddings, dtype=np.float32)
-        except (TypeError, ValueError) as exc:
-            raise CatalogError(f"embeddings are not a float array: {exc}") from exc
-        if x.ndim == 2 and x.size and np.all(np.isfinite(x)):
-            x = normalize(x).astype(np.float16).astype(np.float32)
-        title_list = [str(t) for t in titles] if titles is not None else [""] * len(ids)
-        genre_list = (
-            [[str(g) for g in gs] for gs in genres] if genres is not None else [[] for _ in ids]
-        )
         with self._lock:
             self._check_open()
-            index = self._build_index(ids, x, title_list, genre_list)
-            with self._store.transaction():
-                self._store.replace_catalog(ids, x, title_list, genre_list)
-                self._store.set_state({"catalog_version": 0})
+            index = self._keeper.replace(content_ids, embeddings, titles, genres, catalog_version=0)
             self._state["catalog_version"] = 0
             self._set_catalog(index)
 
     def fetch_catalog(self) -> int:
-        """Download catalog changes from the shard and rebuild this brain's own index.
+        """Download catalog changes from the shard and apply them to this brain's own index.
 
         The first call downloads everything; later calls ask only for items changed since
-        the last catalog version and merge them into the stored catalog.
+        the last catalog version and apply them incrementally (new and changed items added
+        to the index, the stored catalog rewritten only where it changed; see
+        `omega_brain.catalog_keeper`).
 
         Returns:
             The number of items in the catalog afterwards.
@@ -316,19 +315,17 @@ class Brain:
                     self._store.set_state({"catalog_version": version})
                     self._state["catalog_version"] = version
                     return len(current)
-                stored = self._store.catalog() if since else None
-                if stored is not None:
-                    ids, emb, titles, genres = _merge_catalog(stored, fetched)
-                else:
-                    ids, emb = fetched.content_ids, fetched.embeddings
-                    titles, genres = fetched.titles, fetched.genres
-                if not ids:
+                if not fetched.content_ids:
                     return len(current) if current is not None else 0
-                emb = normalize(emb).astype(np.float16).astype(np.float32)
-                index = self._build_index(ids, emb, titles, genres)
-                with self._store.transaction():
-                    self._store.replace_catalog(ids, emb, titles, genres)
-                    self._store.set_state({"catalog_version": version})
+                # Since version 0 the answer is the whole catalog; later, only changes.
+                apply = self._keeper.upsert if since else self._keeper.replace
+                index = apply(
+                    fetched.content_ids,
+                    fetched.embeddings,
+                    fetched.titles,
+                    fetched.genres,
+                    catalog_version=version,
+                )
                 self._state["catalog_version"] = version
                 self._set_catalog(index)
                 return len(index)
@@ -1402,25 +1399,6 @@ class Brain:
         now = float(self._clock())
         return max(int(now * 1000), 0) if math.isfinite(now) else 0
 
-    def _build_index(
-        self,
-        ids: Sequence[str],
-        embeddings: npt.ArrayLike,
-        titles: Sequence[str],
-        genres: Sequence[Sequence[str]],
-    ) -> CatalogIndex:
-        cfg = self._config
-        return CatalogIndex(
-            ids,
-            embeddings,
-            titles=titles,
-            genres=genres,
-            hnsw_m=cfg.hnsw_m,
-            ef_search=cfg.ef_search,
-            ef_construction=cfg.hnsw_ef_construction,
-            exact_max_items=cfg.exact_search_max_items,
-        )
-
     def _set_catalog(self, index: CatalogIndex) -> None:
         self._catalog = index
         self._owns_catalog = True
@@ -1585,27 +1563,3 @@ def _global_set(rows: Sequence[GlobalPatternRow]) -> GlobalSet:
         np.array([r.quality for r in rows], dtype=np.float32),
         np.array([r.success_rate for r in rows], dtype=np.float32),
     )
-
-
-def _merge_catalog(
-    stored: StoredCatalog, fetched: FetchedCatalog
-) -> tuple[list[str], npt.NDArray[np.float32], list[str], list[list[str]]]:
-    """Stored catalog with fetched items replacing or appended (server order for new ones)."""
-    ids = list(stored.content_ids)
-    titles = list(stored.titles)
-    genres = [list(g) for g in stored.genres]
-    rows = list(stored.embeddings)
-    position = {c: i for i, c in enumerate(ids)}
-    for cid, emb, title, gs in zip(
-        fetched.content_ids, fetched.embeddings, fetched.titles, fetched.genres, strict=True
-    ):
-        i = position.get(cid)
-        if i is None:
-            position[cid] = len(ids)
-            ids.append(cid)
-            titles.append(title)
-            genres.append(list(gs))
-            rows.append(emb)
-        else:
-            titles[i], genres[i], rows[i] = title, list(gs), emb
-    return ids, np.stack(rows).astype(np.float32), titles, genres

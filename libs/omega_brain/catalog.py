@@ -17,13 +17,23 @@ Embeddings are not kept a second time outside faiss: `vectors` and `embedding_of
 them from the index (exactly for the flat index, from the 8-bit codes for HNSW, cosine to the
 original > 0.999, renormalized to unit length).
 
+Slots: the faiss index's rows are *slots*. An index built by ``CatalogIndex(...)`` has one slot
+per item, in order. An index the brain updates in place (`omega_brain.catalog_keeper`) may also
+hold dead slots, items removed or replaced since it was built (HNSW cannot delete): searches
+skip them with a faiss ID selector, and positions (0..len-1) number the live slots in slot
+order, so callers never see them.
+
 A `CatalogIndex` is immutable after construction, so any number of threads and `Brain`
-instances may search it concurrently (faiss searches are const and release the GIL).
+instances may search it concurrently (faiss searches are const and release the GIL). Updates
+produce a new `CatalogIndex` over a copy of the faiss index.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -33,12 +43,22 @@ from omega_brain.errors import CatalogError, InvalidArgumentError, UnknownConten
 from omega_brain.patterns import normalize
 from omega_protocol import EMBEDDING_DIM
 
-__all__ = ["DEFAULT_EXACT_MAX_ITEMS", "CatalogIndex"]
+__all__ = [
+    "DEFAULT_EXACT_MAX_ITEMS",
+    "CatalogIndex",
+    "IndexParts",
+    "build_faiss_index",
+    "check_catalog",
+]
 
 DEFAULT_EXACT_MAX_ITEMS = 5000
 """Largest catalog searched exactly with a flat index (see the module docstring)."""
 
 _NORM_TOLERANCE = 1e-3
+_BLOCK_ROWS = 4096
+
+_FAISS: Any = faiss
+"""faiss untyped: its bundled stubs lack SearchParametersHNSW and IndexHNSW's ``hnsw``."""
 
 
 class CatalogIndex:
@@ -72,38 +92,127 @@ class CatalogIndex:
         ef_construction: int = 40,
         exact_max_items: int = DEFAULT_EXACT_MAX_ITEMS,
     ) -> None:
-        ids = [str(c) for c in content_ids]
-        try:
-            x = np.ascontiguousarray(embeddings, dtype=np.float32)
-        except (TypeError, ValueError) as exc:
-            raise CatalogError(f"embeddings are not a float array: {exc}") from exc
-        if x.ndim != 2 or x.shape[1] != EMBEDDING_DIM:
-            raise CatalogError(f"embeddings must be (n, {EMBEDDING_DIM}), got {x.shape}")
-        if x.shape[0] != len(ids):
-            raise CatalogError(f"{len(ids)} content ids but {x.shape[0]} embeddings")
-        if titles is not None and len(titles) != len(ids):
-            raise CatalogError(f"{len(ids)} content ids but {len(titles)} titles")
-        if genres is not None and len(genres) != len(ids):
-            raise CatalogError(f"{len(ids)} content ids but {len(genres)} genre lists")
-        if not np.all(np.isfinite(x)):
-            raise CatalogError("embeddings contain NaN or infinite values")
-        norms = np.linalg.norm(x, axis=1)
-        if np.any(norms < 1e-6):
-            raise CatalogError(f"embedding row {int(np.argmin(norms))} is (near) zero")
-        if np.any(np.abs(norms - 1.0) > _NORM_TOLERANCE):
-            x = normalize(x)
+        ids, x = check_catalog(content_ids, embeddings, titles, genres)
+        exact = len(ids) <= exact_max_items
+        self._init_slots(
+            ids,
+            [str(t) for t in titles] if titles is not None else None,
+            [tuple(str(g) for g in gs) for gs in genres] if genres is not None else None,
+            build_faiss_index(x, exact, hnsw_m, ef_search, ef_construction),
+            exact=exact,
+            ef_search=ef_search,
+            source=None,
+        )
+
+    @classmethod
+    def from_slots(
+        cls,
+        slot_ids: Sequence[str],
+        titles: Sequence[str],
+        genres: Sequence[Sequence[str]],
+        index: faiss.Index,
+        *,
+        exact: bool,
+        ef_search: int,
+        source: Path | None = None,
+    ) -> CatalogIndex:
+        """A catalog over an existing faiss index whose row s is slot s (for the brain's own
+        persistence, `omega_brain.catalog_keeper`).
+
+        Args:
+            slot_ids: (S,) content id per slot, ``""`` for a dead slot (never returned).
+            titles: (S,) title per slot.
+            genres: (S,) genre list per slot.
+            index: faiss inner-product index with ``ntotal == S``; not modified afterwards.
+            exact: True for a flat (exact) index.
+            ef_search: HNSW search beam width.
+            source: the file the index is memory-mapped from, if any.
+
+        Raises:
+            CatalogError: sizes disagree, or a live id is repeated.
+        """
+        if not len(slot_ids) == len(titles) == len(genres) == int(index.ntotal):
+            raise CatalogError(
+                f"{len(slot_ids)} slots, {len(titles)} titles, {len(genres)} genre lists and"
+                f" an index of {int(index.ntotal)} rows"
+            )
+        obj = cls.__new__(cls)
+        obj._init_slots(
+            list(slot_ids),
+            [str(t) for t in titles],
+            [tuple(gs) for gs in genres],
+            index,
+            exact=exact,
+            ef_search=ef_search,
+            source=source,
+        )
+        return obj
+
+    def _init_slots(
+        self,
+        slot_ids: list[str],
+        titles: list[str] | None,
+        genres: list[tuple[str, ...]] | None,
+        index: faiss.Index,
+        *,
+        exact: bool,
+        ef_search: int,
+        source: Path | None,
+    ) -> None:
+        live = [s for s, cid in enumerate(slot_ids) if cid]
+        self._slot_ids = slot_ids
+        self._slot_titles = titles
+        self._slot_genres = genres
+        self._slot_of: npt.NDArray[np.int64] | None = None
+        self._position_of_slot: npt.NDArray[np.int64] | None = None
+        self._params: Any = None
+        if len(live) == len(slot_ids):
+            self._ids = slot_ids
+            self._titles = titles
+            self._genres = genres
+        else:
+            self._ids = [slot_ids[s] for s in live]
+            self._titles = [titles[s] for s in live] if titles is not None else None
+            self._genres = [genres[s] for s in live] if genres is not None else None
+            self._slot_of = np.asarray(live, dtype=np.int64)
+            self._position_of_slot = np.full(len(slot_ids), -1, dtype=np.int64)
+            self._position_of_slot[self._slot_of] = np.arange(len(live), dtype=np.int64)
+            # faiss reads the bitmap through a raw pointer: keep both alive with the index.
+            mask = np.zeros(len(slot_ids), dtype=bool)
+            mask[self._slot_of] = True
+            self._bitmap = np.packbits(mask, bitorder="little")
+            self._selector = faiss.IDSelectorBitmap(len(slot_ids), faiss.swig_ptr(self._bitmap))
+            params = _FAISS.SearchParameters() if exact else _FAISS.SearchParametersHNSW()
+            params.sel = self._selector
+            if not exact:
+                params.efSearch = ef_search
+            self._params = params
         position: dict[str, int] = {}
-        for i, cid in enumerate(ids):
+        for i, cid in enumerate(self._ids):
             if not cid:
                 raise CatalogError(f"content id at position {i} is empty")
             if position.setdefault(cid, i) != i:
                 raise CatalogError(f"duplicate content id {cid!r}")
-        self._ids = ids
         self._position = position
-        self._titles = [str(t) for t in titles] if titles is not None else None
-        self._genres = [tuple(str(g) for g in gs) for gs in genres] if genres is not None else None
-        self._exact = len(ids) <= exact_max_items
-        self._index = _build_index(x, self._exact, hnsw_m, ef_search, ef_construction)
+        self._exact = exact
+        self._ef_search = ef_search
+        if not exact:
+            _hnsw(index).efSearch = ef_search
+        self._index = index
+        self._source = source
+
+    def parts(self) -> IndexParts:
+        """The slot layout and faiss index (for the brain's own persistence; not part of the
+        stable API)."""
+        return IndexParts(
+            slot_ids=self._slot_ids,
+            titles=self._slot_titles,
+            genres=self._slot_genres,
+            index=self._index,
+            exact=self._exact,
+            ef_search=self._ef_search,
+            source=self._source,
+        )
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -181,8 +290,9 @@ class CatalogIndex:
             return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
         if pos.min() < 0 or pos.max() >= len(self._ids):
             raise InvalidArgumentError(f"catalog rows must be in [0, {len(self._ids)})")
+        slots = pos if self._slot_of is None else self._slot_of[pos]
         out: npt.NDArray[np.float32] = np.asarray(
-            self._index.reconstruct_batch(pos), dtype=np.float32
+            self._index.reconstruct_batch(slots), dtype=np.float32
         )
         return out if self._exact else normalize(out)
 
@@ -211,9 +321,15 @@ class CatalogIndex:
                 np.zeros((q.shape[0], 0), dtype=np.int64),
                 np.zeros((q.shape[0], 0), dtype=np.float32),
             )
-        scores, labels = self._index.search(q, kk)
+        if self._params is None:
+            scores, labels = self._index.search(q, kk)
+        else:
+            scores, labels = self._index.search(q, kk, params=self._params)
+        labels = labels.astype(np.int64)
+        if self._position_of_slot is not None:
+            labels = np.where(labels >= 0, self._position_of_slot[np.maximum(labels, 0)], -1)
         scores = np.where(labels >= 0, scores, -np.inf).astype(np.float32)
-        return labels.astype(np.int64), scores
+        return labels, scores
 
     def search(self, query: npt.ArrayLike, k: int) -> tuple[list[str], npt.NDArray[np.float32]]:
         """Nearest content to one query.
@@ -257,6 +373,78 @@ class CatalogIndex:
         return ids, scores
 
 
+@dataclass(frozen=True, slots=True)
+class IndexParts:
+    """What `CatalogIndex.parts` returns; see `CatalogIndex.from_slots` for the fields."""
+
+    slot_ids: Sequence[str]
+    titles: Sequence[str] | None
+    genres: Sequence[tuple[str, ...]] | None
+    index: faiss.Index
+    exact: bool
+    ef_search: int
+    source: Path | None
+
+
+def check_catalog(
+    content_ids: Sequence[str],
+    embeddings: npt.ArrayLike,
+    titles: Sequence[str] | None = None,
+    genres: Sequence[Sequence[str]] | None = None,
+) -> tuple[list[str], npt.NDArray[np.float32]]:
+    """Validate a catalog and L2-normalize its embeddings (rows already unit stay as given).
+
+    Returns:
+        ``(ids, embeddings)``: the ids as strings and (n, 384) float32 unit rows.
+
+    Raises:
+        CatalogError: mismatched lengths, wrong shape, NaN/inf or zero rows, empty or
+            duplicate ids.
+    """
+    ids = [str(c) for c in content_ids]
+    try:
+        x = np.ascontiguousarray(embeddings, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise CatalogError(f"embeddings are not a float array: {exc}") from exc
+    if x.ndim != 2 or x.shape[1] != EMBEDDING_DIM:
+        raise CatalogError(f"embeddings must be (n, {EMBEDDING_DIM}), got {x.shape}")
+    if x.shape[0] != len(ids):
+        raise CatalogError(f"{len(ids)} content ids but {x.shape[0]} embeddings")
+    if titles is not None and len(titles) != len(ids):
+        raise CatalogError(f"{len(ids)} content ids but {len(titles)} titles")
+    if genres is not None and len(genres) != len(ids):
+        raise CatalogError(f"{len(ids)} content ids but {len(genres)} genre lists")
+    # Block by block: whole-array temporaries of a 100K catalog cost 150 MB each.
+    norms = np.empty(x.shape[0], dtype=np.float32)
+    for start in range(0, x.shape[0], _BLOCK_ROWS):
+        block = x[start : start + _BLOCK_ROWS]
+        if not np.isfinite(block).all():
+            raise CatalogError("embeddings contain NaN or infinite values")
+        norms[start : start + _BLOCK_ROWS] = np.sqrt(np.einsum("ij,ij->i", block, block))
+    if np.any(norms < 1e-6):
+        raise CatalogError(f"embedding row {int(np.argmin(norms))} is (near) zero")
+    if np.any(np.abs(norms - 1.0) > _NORM_TOLERANCE):
+        unit = np.empty_like(x)
+        for start in range(0, x.shape[0], _BLOCK_ROWS):
+            end = start + _BLOCK_ROWS
+            unit[start:end] = x[start:end] / norms[start:end, None]
+        x = unit
+    seen: set[str] = set()
+    for i, cid in enumerate(ids):
+        if not cid:
+            raise CatalogError(f"content id at position {i} is empty")
+        if cid in seen:
+            raise CatalogError(f"duplicate content id {cid!r}")
+        seen.add(cid)
+    return ids, x
+
+
+def _hnsw(index: faiss.Index) -> Any:
+    """The HNSW graph parameters of an `IndexHNSW*` (``efSearch``, ``efConstruction``)."""
+    hnsw_index: Any = index  # an IndexHNSWSQ proxy (never downcast_index: it does not own)
+    return hnsw_index.hnsw
+
+
 def _as_queries(query: npt.ArrayLike) -> npt.NDArray[np.float32]:
     try:
         q = np.asarray(query, dtype=np.float32)
@@ -273,9 +461,18 @@ def _as_queries(query: npt.ArrayLike) -> npt.NDArray[np.float32]:
     return np.ascontiguousarray(q)
 
 
-def _build_index(
+def build_faiss_index(
     x: npt.NDArray[np.float32], exact: bool, m: int, ef_search: int, ef_construction: int
 ) -> faiss.Index:
+    """A new faiss inner-product index over (n, 384) float32 unit rows (row i = slot i).
+
+    Args:
+        x: (n, 384) float32, unit rows.
+        exact: a flat index (exact search) instead of HNSW with 8-bit scalar quantization.
+        m: HNSW degree.
+        ef_search: HNSW search beam width.
+        ef_construction: HNSW build beam width.
+    """
     d = x.shape[1]
     if exact:
         flat = faiss.IndexFlatIP(d)
