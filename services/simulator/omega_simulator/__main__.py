@@ -3,6 +3,8 @@
 ``run`` starts Postgres (embedded unless ``OMEGA_DATABASE_URL`` is set), the shards and the
 federation worker as processes, replays every user, prints the report and stops everything.
 ``replay`` replays against shards already running (``OMEGA_SIMULATOR_SHARDS``).
+``fleet`` drives a synthetic fleet open-loop (``--scenario light|medium|heavy|burst|FILE``)
+and writes a report folder; ``compare A B`` puts two such folders side by side.
 """
 
 from __future__ import annotations
@@ -16,6 +18,12 @@ from pathlib import Path
 from omega_data import MovieLens, load_movielens
 from omega_federation.accounting import calibrate_noise_multiplier
 from omega_simulator.access import FleetAccess
+from omega_simulator.fleet_cli import (
+    add_compare_arguments,
+    add_fleet_arguments,
+    compare_main,
+    fleet_main,
+)
 from omega_simulator.privacy_plot import central_reference, write_privacy_plot
 from omega_simulator.replay import replay_movielens
 from omega_simulator.report import SimulationReport
@@ -162,13 +170,26 @@ def _replay(settings: SimulatorSettings) -> int:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``omega-simulator``."""
     parser = argparse.ArgumentParser(prog="omega-simulator", description=__doc__)
-    parser.add_argument(
-        "command",
-        choices=["run", "replay"],
-        help="run: the whole stack end to end; replay: against running shards "
-        "(OMEGA_SIMULATOR_SHARDS; rounds run `omega-federation run-once` with OMEGA_FEDERATION_*)",
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+    commands.add_parser("run", help="the whole stack end to end (MovieLens replay)")
+    commands.add_parser(
+        "replay",
+        help="against running shards (OMEGA_SIMULATOR_SHARDS; rounds run "
+        "`omega-federation run-once` with OMEGA_FEDERATION_*)",
     )
+    fleet = commands.add_parser(
+        "fleet",
+        help="a synthetic fleet (light | medium | heavy | burst | file), open-loop, with a "
+        "report folder",
+    )
+    add_fleet_arguments(fleet)
+    compare = commands.add_parser("compare", help="two fleet run folders side by side")
+    add_compare_arguments(compare)
     args = parser.parse_args(argv)
+    if args.command == "fleet":
+        sys.exit(fleet_main(args))
+    if args.command == "compare":
+        sys.exit(compare_main(args))
     settings = SimulatorSettings()
     sys.exit(_run(settings) if args.command == "run" else _replay(settings))
 
