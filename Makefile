@@ -53,7 +53,7 @@ typecheck: $(STAMP) ## mypy (strict) on our code
 	$(VENV)/bin/mypy bench
 	$(VENV)/bin/mypy tools
 
-bench: bench-sync bench-brain bench-federation bench-recommend bench-quality ## Every benchmark (about 12 min); figures in reports/bench.json
+bench: bench-sync bench-brain bench-federation bench-recommend bench-quality ## Every benchmark (about 25 min); figures in reports/bench.json
 
 bench-sync: $(STAMP) ## The shard's SyncPatterns pipeline vs a bare grpc.aio echo server, same requests and load generator (about 2 min)
 	$(PY) -m bench.sync_throughput
