@@ -84,14 +84,23 @@ async def test_health_follows_the_database_and_recovers_by_itself(
         db_probe_interval_seconds=0.1,
         db_probe_timeout_seconds=0.5,
         db_timeout_seconds=2.0,
+        probe_port=0,
     )
-    assert running.readiness is not None
+    assert running.readiness is not None and running.probe_port > 0
     async with (
         grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel,
         grpc.aio.insecure_channel(f"127.0.0.1:{running.federation_port}") as internal,
+        grpc.aio.insecure_channel(f"127.0.0.1:{running.probe_port}") as probes,
     ):
         device_health = health_pb2_grpc.HealthStub(channel)
         internal_health = health_pb2_grpc.HealthStub(internal)
+        # The kubelet's native grpc probes: readiness (service "") and liveness.
+        probe_health = health_pb2_grpc.HealthStub(probes)
+
+        async def liveness() -> int:
+            answer = await probe_health.Check(health_pb2.HealthCheckRequest(service="liveness"))
+            return int(answer.status)
+
         stub = sync_pb2_grpc.ConstellationSyncStub(channel)
 
         async def statuses() -> set[int]:
@@ -103,13 +112,18 @@ async def test_health_follows_the_database_and_recovers_by_itself(
                 await internal_health.Check(
                     health_pb2.HealthCheckRequest(service="omega.v1.Federation")
                 ),
+                await probe_health.Check(health_pb2.HealthCheckRequest(service="")),
             ]
             return {a.status for a in answers}
 
         async def is_(status: int) -> bool:
             return await statuses() == {status}
 
-        assert await statuses() == {SERVING}
+        assert await statuses() == {SERVING} and await liveness() == SERVING
+        # The probe listener serves health only: no sync, no reflection.
+        with pytest.raises(grpc.aio.AioRpcError) as unimplemented:
+            await sync_pb2_grpc.ConstellationSyncStub(probes).SyncPatterns(sync_request("x", 1))
+        assert unimplemented.value.code() == grpc.StatusCode.UNIMPLEMENTED
         # A Watch stream (through every interceptor) sees each transition.
         watch = device_health.Watch(health_pb2.HealthCheckRequest(service=""))
         watched: list[int] = []
@@ -126,6 +140,7 @@ async def test_health_follows_the_database_and_recovers_by_itself(
             await asyncio.to_thread(private_postgres.stop)
             took = await eventually(lambda: is_(NOT_SERVING), within_seconds=5.0)
             assert took < 5.0
+            assert await liveness() == SERVING  # not restarted for an outage of Postgres
             assert REGISTRY.get_sample_value("omega_constellation_database_up") == 0
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await stub.SyncPatterns(sync_request("tv-1", 2), timeout=10)

@@ -8,7 +8,7 @@ from typing import Any
 
 import grpc
 import structlog
-from grpc_health.v1 import health
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
 from omega.v1 import federation_pb2, sync_pb2
@@ -44,6 +44,9 @@ DEVICE_SERVICES = (_SYNC,)
 INTERNAL_SERVICES = (_FEDERATION, _SYNC)
 """Services of the internal listener; its service credential may only call `WORKER_METHODS`."""
 WORKER_METHODS = (f"/{_FEDERATION}/", f"/{_SYNC}/FetchEmbeddings")
+LIVENESS_SERVICE = "liveness"
+"""Health service name of the probe listener that stays SERVING while the process answers
+(Kubernetes liveness must not follow the database: an outage would restart every replica)."""
 """What the federation worker's credential may call on the internal listener."""
 INTERNAL_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 """Receive limit of the internal listener (a whole model's publish fits several times over)."""
@@ -67,6 +70,10 @@ class RunningServer:
     federation_health: health.aio.HealthServicer
     readiness: DependencyWatcher | None = None
     """Probes the database and flips both listeners' health (started by `start_server`)."""
+    probe_server: grpc.aio.Server | None = None
+    """The plaintext health-only listener (``probe_port``), serving the device listener's
+    health service; None when not configured."""
+    probe_port: int = 0
 
     @property
     def healths(self) -> tuple[health.aio.HealthServicer, health.aio.HealthServicer]:
@@ -86,6 +93,8 @@ class RunningServer:
         await asyncio.gather(
             self.server.stop(grace_seconds), self.federation_server.stop(grace_seconds)
         )
+        if self.probe_server is not None:
+            await self.probe_server.stop(0)
         await self.service.close()
 
 
@@ -259,6 +268,13 @@ async def start_server(settings: ConstellationSettings) -> RunningServer:
             server, port, service, health, internal, federation_port, federation_health
         )
         await running.set_serving(True)
+        if settings.probe_port is not None:
+            probe = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+            health_pb2_grpc.add_HealthServicer_to_server(health, probe)
+            await health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+            running.probe_port = _bind(probe, f"{settings.host}:{settings.probe_port}", None)
+            await probe.start()
+            running.probe_server = probe
         running.readiness = DependencyWatcher(
             store.ping,
             running.set_serving,
@@ -299,6 +315,8 @@ async def main_async(settings: ConstellationSettings) -> None:
     try:
         await serve_until_signal(running.server, settings.grace_seconds, on_stop)
         await running.federation_server.stop(settings.grace_seconds)
+        if running.probe_server is not None:
+            await running.probe_server.stop(0)
     finally:
         if running.readiness is not None:
             await running.readiness.stop()  # idempotent; before the pool it probes closes

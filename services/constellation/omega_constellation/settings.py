@@ -289,6 +289,16 @@ class ConstellationSettings(ServiceSettings):
     federation_port: int = Field(
         50061, ge=0, le=65535, description="Internal listener's port; 0 picks a free port."
     )
+    probe_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Plaintext listener serving only grpc.health.v1, for Kubernetes' native "
+        "grpc probes (the kubelet cannot present TLS to a probe): service '' follows the "
+        "device listener's readiness (NOT_SERVING while Postgres is unreachable), service "
+        "'liveness' is SERVING while the process answers. On host:probe_port; 0 picks a "
+        "free port; unset: no such listener.",
+    )
     auth: bool = Field(
         True,
         description="Require credentials: a device token on the device port, a service token "
