@@ -31,7 +31,11 @@ import yaml
 
 from tests.deploy.helpers import ROOT
 from tests.deploy.test_k8s import (
+    DOCS as K8S_DOCS,
+)
+from tests.deploy.test_k8s import (
     K8S_VERSIONS,
+    PROBE_PORT_ENV,
     SETTINGS_CLASSES,
     SKIPPED_CRDS,
     Doc,
@@ -133,7 +137,14 @@ def test_every_values_file_validates_against_the_schema(name: str) -> None:
         ({"constellation": {"settings": {"fleet_keys": "{}"}}}, "a secret as a value"),
         ({"federation": {"settings": {"service_token": "x"}}}, "a secret as a value"),
         ({"constellation": {"replicas": 3}}, "a misspelt key"),
-        ({"constellation": {"readinessProbe": {"kind": "grpc"}}}, "a plaintext probe"),
+        ({"constellation": {"readinessProbe": {"kind": "grpcTLS"}}}, "the removed probe kind"),
+        ({"constellation": {"settings": {"probe_port": 50071}}}, "the chart sets probe_port"),
+        ({"constellation": {"ports": {"probe": 0}}}, "no probe port"),
+        ({"constellation": {"ports": {"probe": None}}}, "no probe port"),
+        ({"constellation": {"probes": {"liveness": {"service": ""}}}}, "a probe's service"),
+        ({"constellation": {"probes": {"readiness": {"exec": {}}}}}, "a probe's handler"),
+        ({"constellation": {"probes": {"startup": {"failureThreshold": 0}}}}, "no start-up"),
+        ({"constellation": {"probes": {"startup": None}}}, "no start-up timings"),
         ({"federation": {"mode": "daemon"}}, "an unknown worker mode"),
         ({"database": {"cnpg": {"enabled": False}}}, "no host without CloudNativePG"),
         ({"secrets": {"database": None}}, "a missing Secret name"),
@@ -217,7 +228,16 @@ _RENDER = textwrap.dedent(
 )
 
 EXTRA_RENDERS: dict[str, dict[str, Any]] = {
-    "grpcTLS": {"constellation": {"readinessProbe": {"kind": "grpcTLS"}}},
+    "probeValues": {
+        "constellation": {
+            "ports": {"probe": 50999},
+            "probes": {
+                "readiness": {"periodSeconds": 7, "timeoutSeconds": 4, "failureThreshold": 5},
+                "liveness": {"periodSeconds": 20, "timeoutSeconds": 6, "failureThreshold": 4},
+                "startup": {"periodSeconds": 10, "timeoutSeconds": 3, "failureThreshold": 30},
+            },
+        }
+    },
     "prometheusRule": {"metrics": {"prometheusRule": {"enabled": True}}},
     "badValues": {"constellation": {"settings": {"database_url": "postgresql://x@y/z"}}},
     "externalDatabase": {"database": {"cnpg": {"enabled": False}, "host": "pg.example"}},
@@ -266,15 +286,39 @@ def test_rendered_objects_validate_against_the_kubernetes_schemas(name: str, ver
     assert validation_errors(rendered(name), version) == []
 
 
-def test_native_grpc_tls_probe_renders_for_kubernetes_1_37_only() -> None:
-    docs = rendered("grpcTLS")
-    (container,) = by_name(docs, "Deployment")["omega-shard-0"]["spec"]["template"]["spec"][
-        "containers"
-    ]
-    assert container["readinessProbe"]["grpc"] == {"port": 50051, "mode": "TLS"}
+def _shard_0_container(docs: list[Doc]) -> Doc:
+    deployment = by_name(docs, "Deployment")[f"{RELEASE}-shard-0"]
+    container: Doc = deployment["spec"]["template"]["spec"]["containers"][0]
+    return container
+
+
+def test_default_probes_and_ports_are_those_of_k8s() -> None:
+    chart = _shard_0_container(rendered("values.yaml"))
+    plain = _shard_0_container(K8S_DOCS)
+    for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert chart[kind] == plain[kind], kind
+    assert chart["ports"] == plain["ports"]
+    configmap = by_name(rendered("values.yaml"), "ConfigMap")[f"{RELEASE}-constellation"]
+    assert configmap["data"][PROBE_PORT_ENV] == "50071"
+
+
+def test_probe_port_and_timings_follow_the_values() -> None:
+    docs = rendered("probeValues")
+    values = EXTRA_RENDERS["probeValues"]["constellation"]
     check_constellation_probes(docs)
-    assert validation_errors(docs, "1.37") == []
-    assert validation_errors(docs, "1.31"), "grpc.mode is not a 1.31 field"
+    check_network_policies(docs)
+    for version in K8S_VERSIONS:
+        assert validation_errors(docs, version) == []
+    for deployment in of_kind(docs, "Deployment"):
+        if "federation" in deployment["metadata"]["name"]:
+            continue
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        for kind in ("readiness", "liveness", "startup"):
+            probe = container[f"{kind}Probe"]
+            assert probe["grpc"]["port"] == 50999
+            assert {k: v for k, v in probe.items() if k != "grpc"} == values["probes"][kind]
+    configmap = by_name(docs, "ConfigMap")[f"{RELEASE}-constellation"]
+    assert configmap["data"][PROBE_PORT_ENV] == "50999"
 
 
 @pytest.mark.parametrize("name", VALUES_FILES)

@@ -16,7 +16,7 @@ import copy
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -25,9 +25,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from omega_constellation.server import LIVENESS_SERVICE
 from omega_constellation.settings import ConstellationSettings
 from omega_federation.settings import FederationSettings
-from tests.deploy.helpers import DEPLOY, DOCKERFILES, ROOT, instructions
+from tests.deploy.helpers import DEPLOY, ROOT
 
 K8S = ROOT / "k8s"
 KUSTOMIZATION = K8S / "kustomization.yaml"
@@ -51,13 +52,26 @@ SKIPPED_CRDS = frozenset(
 
 CONSTELLATION = "omega-constellation"
 FEDERATION = "omega-federation"
-HEALTH_COMMAND = ["omega-constellation", "health"]
+PROBE_PORT_ENV = "OMEGA_CONSTELLATION_PROBE_PORT"
+# The health service each probe asks the probe listener for: "" is the device listener's
+# readiness (NOT_SERVING while Postgres is unreachable), LIVENESS_SERVICE stays SERVING while
+# the process answers (a database outage must not restart the replicas).
+PROBE_SERVICES = {
+    "readinessProbe": "",
+    "livenessProbe": LIVENESS_SERVICE,
+    "startupProbe": LIVENESS_SERVICE,
+}
+PROBE_HANDLERS = ("exec", "grpc", "httpGet", "tcpSocket")
+# The probe listener opens only once the replica has loaded its catalog: the start-up probe
+# must allow at least this long (periodSeconds x failureThreshold) before liveness takes over.
+MIN_STARTUP_SECONDS = 120
 SETTINGS_CLASSES: dict[str, type[ConstellationSettings] | type[FederationSettings]] = {
     "constellation": ConstellationSettings,
     "federation": FederationSettings,
 }
 
 Doc = dict[str, Any]
+Break = Callable[[list[Doc]], None]
 
 
 def load_documents(paths: Iterable[Path]) -> list[Doc]:
@@ -114,14 +128,20 @@ def selects(selector: Doc | None, labels: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in wanted.items())
 
 
-def config_env(docs: Iterable[Doc], container: Doc) -> dict[str, str]:
-    """The environment a container gets from its envFrom ConfigMaps and literal env values."""
+def configmap_env(docs: Iterable[Doc], container: Doc) -> dict[str, str]:
+    """The environment a container gets from its envFrom ConfigMaps alone."""
     maps = by_name(docs, "ConfigMap")
     env: dict[str, str] = {}
     for source in container.get("envFrom", []):
         name = source["configMapRef"]["name"]
         assert name in maps, f"envFrom names a missing ConfigMap {name}"
         env.update({str(k): str(v) for k, v in maps[name]["data"].items()})
+    return env
+
+
+def config_env(docs: Iterable[Doc], container: Doc) -> dict[str, str]:
+    """The environment a container gets from its envFrom ConfigMaps and literal env values."""
+    env = configmap_env(docs, container)
     for var in container.get("env", []):
         if "value" in var:
             env[var["name"]] = str(var["value"])
@@ -207,11 +227,13 @@ def check_pods_are_restricted(docs: list[Doc]) -> None:
 
 
 def check_constellation_probes(docs: list[Doc]) -> None:
-    """Readiness is the device listener's gRPC health; liveness never depends on Postgres.
+    """Native gRPC probes on the plaintext, health-only probe listener.
 
-    Both listeners serve TLS unless OMEGA_CONSTELLATION_PLAINTEXT is true, and the kubelet's
-    native ``grpc:`` probe speaks plaintext unless ``mode: TLS`` (Kubernetes 1.37+, alpha): a
-    plain ``grpc:`` probe against a TLS listener would keep every replica unready.
+    The device and federation listeners serve TLS, which the kubelet's ``grpc:`` probe cannot
+    speak; OMEGA_CONSTELLATION_PROBE_PORT opens a plaintext listener serving grpc.health.v1
+    only. Readiness asks for service "" (NOT_SERVING while Postgres is unreachable: the replica
+    leaves its Services); start-up and liveness ask for "liveness", which never follows the
+    database, so an outage cannot restart every replica at once.
     """
     deployments = [
         d
@@ -224,33 +246,61 @@ def check_constellation_probes(docs: list[Doc]) -> None:
         (container,) = deployment["spec"]["template"]["spec"]["containers"]
         ports = container_ports(container)
         env = config_env(docs, container)
-        plaintext = env.get("OMEGA_CONSTELLATION_PLAINTEXT", "false").lower() == "true"
         assert ports["grpc"] == int(env["OMEGA_CONSTELLATION_PORT"]), name
         assert ports["federation"] == int(env["OMEGA_CONSTELLATION_FEDERATION_PORT"]), name
         assert ports["metrics"] == int(env["OMEGA_CONSTELLATION_METRICS_PORT"]), name
-        for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
-            assert kind in container, f"{name}: {kind}"
-        readiness = container["readinessProbe"]
-        if "exec" in readiness:
-            assert readiness["exec"]["command"] == HEALTH_COMMAND, name
-            assert readiness["timeoutSeconds"] >= 3, f"{name}: the command waits up to 3 s"
-        else:
-            grpc = readiness["grpc"]
-            assert grpc["port"] == ports["grpc"], f"{name}: readiness on the device listener"
-            assert plaintext or grpc.get("mode") == "TLS", f"{name}: plaintext probe on TLS"
-        for kind in ("startupProbe", "livenessProbe"):
-            probe = container[kind]
-            # The gRPC health turns NOT_SERVING while Postgres is down: used for liveness it
-            # would restart every replica during a database outage.
-            assert "tcpSocket" in probe, f"{name}: {kind} must not depend on the database"
-            assert probe["tcpSocket"]["port"] in ("grpc", ports["grpc"]), name
+        # The probe port: set by the ConfigMap (not a literal env entry), and the same number
+        # as the container's `probe` port.
+        literal = {v["name"] for v in container.get("env", [])}
+        assert PROBE_PORT_ENV not in literal, f"{name}: {PROBE_PORT_ENV} belongs in the ConfigMap"
+        from_maps = configmap_env(docs, container)
+        assert PROBE_PORT_ENV in from_maps, f"{name}: {PROBE_PORT_ENV} not set by a ConfigMap"
+        probe_port = int(from_maps[PROBE_PORT_ENV])
+        assert ports.get("probe") == probe_port, f"{name}: containerPort probe != {probe_port}"
+        assert len(set(ports.values())) == len(ports), f"{name}: listeners share a port {ports}"
+        # The probe listener binds OMEGA_CONSTELLATION_HOST; the kubelet dials the pod's IP.
+        host = env.get("OMEGA_CONSTELLATION_HOST")
+        assert host in ("0.0.0.0", "::"), f"{name}: probe listener on {host}, kubelet can't dial"
+        for kind, service in PROBE_SERVICES.items():
+            probe = container.get(kind)
+            assert probe, f"{name}: no {kind}"
+            handlers = [h for h in PROBE_HANDLERS if h in probe]
+            assert handlers == ["grpc"], f"{name}: {kind} is {handlers}, not a native grpc probe"
+            grpc = probe["grpc"]
+            assert grpc["port"] == probe_port, f"{name}: {kind} not on the probe port"
+            asked = grpc.get("service", "")
+            assert asked == service, f"{name}: {kind} asks for service {asked!r}, not {service!r}"
+            assert "mode" not in grpc, f"{name}: {kind}: the probe listener is plaintext"
+            period = probe.get("periodSeconds", 10)
+            assert 1 <= probe.get("timeoutSeconds", 1) <= period, f"{name}: {kind} timeout"
+        startup = container["startupProbe"]
+        window = startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3)
+        assert window >= MIN_STARTUP_SECONDS, f"{name}: start-up allows {window} s to listen"
+        liveness = container["livenessProbe"]
+        assert liveness.get("failureThreshold", 3) >= 2, f"{name}: liveness restarts on one miss"
         grace = int(env.get("OMEGA_CONSTELLATION_GRACE_SECONDS", "10"))
         assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > grace
 
 
-def _admitted(docs: list[Doc], pod_labels: dict[str, str], port: int) -> list[Doc | None]:
-    """Sources NetworkPolicies admit to ``port`` of a pod with ``pod_labels``: peers
-    (podSelector / namespaceSelector / ipBlock) or None for "any source"."""
+def _covers(rule_port: Doc, port: int, name: str | None) -> bool:
+    """Whether one entry of an ingress rule's ``ports`` admits ``port`` (named ``name`` in the
+    pod): no ``port`` means every port; a name matches the container port's name; a number
+    with ``endPort`` is a range."""
+    value = rule_port.get("port")
+    if value is None:
+        return True
+    if isinstance(value, str) and not value.isdigit():
+        return value == name
+    first = int(value)
+    return first <= port <= int(rule_port.get("endPort", first))
+
+
+def _admitted(
+    docs: list[Doc], pod_labels: dict[str, str], port: int, name: str | None = None
+) -> list[Doc | None]:
+    """Sources NetworkPolicies admit to ``port`` (container port name ``name``) of a pod with
+    ``pod_labels``: peers (podSelector / namespaceSelector / ipBlock) or None for "any
+    source"."""
     peers: list[Doc | None] = []
     for policy in of_kind(docs, "NetworkPolicy"):
         spec = policy["spec"]
@@ -259,8 +309,8 @@ def _admitted(docs: list[Doc], pod_labels: dict[str, str], port: int) -> list[Do
         if not selects(spec["podSelector"], pod_labels):
             continue
         for rule in spec.get("ingress", []):
-            ports = [int(p["port"]) for p in rule.get("ports", [])]
-            if ports and port not in ports:
+            ports = rule.get("ports", [])
+            if ports and not any(_covers(p, port, name) for p in ports):
                 continue
             sources = rule.get("from")
             if not sources:
@@ -282,7 +332,8 @@ def _pod_selected(peer: Doc | None, labels: dict[str, str]) -> bool:
 
 def check_network_policies(docs: list[Doc]) -> None:
     """Devices reach only the device port; only the worker reaches the federation listener;
-    Postgres admits the omega pods and CloudNativePG, never an arbitrary source."""
+    nothing reaches the probe port (the kubelet needs no rule); Postgres admits the omega pods
+    and CloudNativePG, never an arbitrary source."""
     templates = dict(pod_templates(docs))
     shards = [t for t in templates.values() if component(t) == "constellation"]
     workers = [t for t in templates.values() if component(t) == "federation"]
@@ -301,19 +352,23 @@ def check_network_policies(docs: list[Doc]) -> None:
         (container,) = template["spec"]["containers"]
         ports = container_ports(container)
         # The device port: from anywhere (devices), or the configured source ranges.
-        device = _admitted(docs, labels, ports["grpc"])
+        device = _admitted(docs, labels, ports["grpc"], "grpc")
         assert device, "devices cannot reach the device port"
         assert all(p is None or set(p) == {"ipBlock"} for p in device), device
         # The internal listener: only same-namespace pods that are the worker.
-        federation = _admitted(docs, labels, ports["federation"])
+        federation = _admitted(docs, labels, ports["federation"], "federation")
         assert federation, "the worker cannot reach the federation listener"
         for peer in federation:
             assert _pod_selected(peer, worker_labels), f"federation port admits {peer}"
             assert not _pod_selected(peer, labels), "shards may not call each other's listener"
             assert not _pod_selected(peer, stranger)
         # Metrics: only another namespace (Prometheus), never "anyone".
-        metrics = _admitted(docs, labels, ports["metrics"])
+        metrics = _admitted(docs, labels, ports["metrics"], "metrics")
         assert metrics and all(p is not None and "namespaceSelector" in p for p in metrics)
+        # The probe port: the kubelet's only, from the pod's node, which NetworkPolicy never
+        # blocks; no rule may open it to pods, namespaces or address ranges.
+        probe = _admitted(docs, labels, ports["probe"], "probe")
+        assert not probe, f"the probe port is open to {probe}"
         # Nothing else.
         for port in (22, 5432, 8080):
             assert not _admitted(docs, labels, port), f"shard port {port} is open"
@@ -522,12 +577,13 @@ def test_strict_validation_really_rejects_a_misspelt_field() -> None:
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     container["readinessProbes"] = container.pop("readinessProbe")
     assert validation_errors([deployment], K8S_VERSIONS[0])
-    # And the probe's TLS mode is a 1.37 field: the older schema refuses it.
+    # A native grpc probe takes a port number, never a port name (unlike tcpSocket): the
+    # schemas refuse `port: probe`, which is why the manifests repeat the number.
     probe = copy.deepcopy(by_name(DOCS, "Deployment")["omega-shard-0"])
     probe_container = probe["spec"]["template"]["spec"]["containers"][0]
-    probe_container["readinessProbe"] = {"grpc": {"port": 50051, "mode": "TLS"}}
-    assert validation_errors([probe], "1.31")
-    assert validation_errors([probe], "1.37") == []
+    probe_container["readinessProbe"]["grpc"]["port"] = "probe"
+    for version in K8S_VERSIONS:
+        assert validation_errors([probe], version)
 
 
 def test_only_the_named_crds_are_skipped() -> None:
@@ -576,13 +632,150 @@ def test_constellation_probes_and_ports() -> None:
     check_constellation_probes(DOCS)
 
 
-def test_readiness_probe_is_the_images_health_check() -> None:
-    healthcheck = next(
-        args
-        for keyword, args in instructions(DOCKERFILES["constellation"])
-        if keyword == "HEALTHCHECK"
-    )
-    assert json.dumps(HEALTH_COMMAND) in healthcheck
+def _shard_0_container(docs: list[Doc]) -> Doc:
+    deployment = by_name(docs, "Deployment")["omega-shard-0"]
+    container: Doc = deployment["spec"]["template"]["spec"]["containers"][0]
+    return container
+
+
+def _set_env(docs: list[Doc], key: str, value: str | None) -> None:
+    """Set (None: remove) ``key`` in the ConfigMap every constellation replica shares."""
+    data = by_name(docs, "ConfigMap")["omega-constellation"]["data"]
+    if value is None:
+        del data[key]
+    else:
+        data[key] = value
+
+
+def _break_probe(kind: str, **grpc: Any) -> Break:
+    def apply(docs: list[Doc]) -> None:
+        _shard_0_container(docs)[kind]["grpc"].update(grpc)
+
+    return apply
+
+
+def _replace_probe(kind: str, probe: Doc) -> Break:
+    def apply(docs: list[Doc]) -> None:
+        _shard_0_container(docs)[kind] = probe
+
+    return apply
+
+
+def _probe_field(kind: str, field: str, value: int) -> Break:
+    def apply(docs: list[Doc]) -> None:
+        _shard_0_container(docs)[kind][field] = value
+
+    return apply
+
+
+def _container_probe_port(docs: list[Doc]) -> None:
+    for port in _shard_0_container(docs)["ports"]:
+        if port["name"] == "probe":
+            port["containerPort"] = 50072
+
+
+def _probe_on_the_metrics_port(docs: list[Doc]) -> None:
+    _set_env(docs, "OMEGA_CONSTELLATION_METRICS_PORT", "50071")
+    for port in _shard_0_container(docs)["ports"]:
+        if port["name"] == "metrics":
+            port["containerPort"] = 50071
+
+
+def _literal_probe_port(docs: list[Doc]) -> None:
+    _shard_0_container(docs)["env"].append({"name": PROBE_PORT_ENV, "value": "50071"})
+
+
+def _no_readiness(docs: list[Doc]) -> None:
+    del _shard_0_container(docs)["readinessProbe"]
+
+
+# Each deliberate break of the probes, with the message the check must fail with.
+PROBE_BREAKS: dict[str, tuple[Break, str]] = {
+    "readiness on the liveness service": (
+        _break_probe("readinessProbe", service=LIVENESS_SERVICE),
+        "readinessProbe asks for service 'liveness'",
+    ),
+    "liveness follows the database": (
+        _break_probe("livenessProbe", service=""),
+        "livenessProbe asks for service ''",
+    ),
+    "start-up follows the database": (
+        _break_probe("startupProbe", service=""),
+        "startupProbe asks for service ''",
+    ),
+    "readiness on the TLS device port": (
+        _break_probe("readinessProbe", port=50051),
+        "readinessProbe not on the probe port",
+    ),
+    "TLS mode on the plaintext listener": (
+        _break_probe("livenessProbe", mode="TLS"),
+        "the probe listener is plaintext",
+    ),
+    "exec readiness": (
+        _replace_probe("readinessProbe", {"exec": {"command": ["omega-constellation", "health"]}}),
+        r"readinessProbe is \['exec'\]",
+    ),
+    "tcpSocket liveness": (
+        _replace_probe("livenessProbe", {"tcpSocket": {"port": "grpc"}}),
+        r"livenessProbe is \['tcpSocket'\]",
+    ),
+    "grpc and exec together": (
+        _replace_probe("startupProbe", {"grpc": {"port": 50071}, "exec": {"command": ["true"]}}),
+        r"startupProbe is \['exec', 'grpc'\]",
+    ),
+    "no readiness probe": (_no_readiness, "no readinessProbe"),
+    "short start-up window": (
+        _probe_field("startupProbe", "failureThreshold", 3),
+        "start-up allows 15 s",
+    ),
+    "timeout longer than the period": (
+        _probe_field("readinessProbe", "timeoutSeconds", 30),
+        "readinessProbe timeout",
+    ),
+    "liveness restarts on one miss": (
+        _probe_field("livenessProbe", "failureThreshold", 1),
+        "liveness restarts on one miss",
+    ),
+    "containerPort differs from the setting": (
+        _container_probe_port,
+        "containerPort probe != 50071",
+    ),
+    "probe port missing from the ConfigMap": (
+        lambda docs: _set_env(docs, PROBE_PORT_ENV, None),
+        "not set by a ConfigMap",
+    ),
+    "probe port given as a literal env entry": (
+        _literal_probe_port,
+        "belongs in the ConfigMap",
+    ),
+    "probe port equal to the metrics port": (
+        _probe_on_the_metrics_port,
+        "listeners share a port",
+    ),
+    "listeners on the loopback": (
+        lambda docs: _set_env(docs, "OMEGA_CONSTELLATION_HOST", "127.0.0.1"),
+        "kubelet can't dial",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", PROBE_BREAKS)
+def test_probe_check_fails_on_each_deliberate_break(case: str) -> None:
+    broken = copy.deepcopy(DOCS)
+    apply, message = PROBE_BREAKS[case]
+    apply(broken)
+    with pytest.raises(AssertionError, match=message):
+        check_constellation_probes(broken)
+
+
+def test_constellation_probes_are_native_grpc_on_the_probe_port() -> None:
+    container = _shard_0_container(DOCS)
+    port = container_ports(container)["probe"]
+    assert port == 50071
+    assert container["readinessProbe"]["grpc"] == {"port": port}
+    for kind in ("livenessProbe", "startupProbe"):
+        assert container[kind]["grpc"] == {"port": port, "service": LIVENESS_SERVICE}
+    assert LIVENESS_SERVICE == "liveness"
 
 
 def test_network_policies_admit_only_the_intended_sources() -> None:
@@ -595,6 +788,22 @@ def test_network_policy_check_fails_when_the_federation_port_is_opened() -> None
         if policy["metadata"]["name"] == "omega-constellation-devices":
             policy["spec"]["ingress"][0]["ports"].append({"port": 50061, "protocol": "TCP"})
     with pytest.raises(AssertionError):
+        check_network_policies(opened)
+
+
+@pytest.mark.parametrize(
+    ("policy", "port"),
+    [
+        ("omega-constellation-devices", {"port": 50071, "protocol": "TCP"}),
+        ("omega-constellation-federation", {"port": "probe", "protocol": "TCP"}),
+        ("omega-constellation-metrics", {"port": 50070, "endPort": 50080, "protocol": "TCP"}),
+    ],
+    ids=["to devices", "by name to the worker", "in a range to monitoring"],
+)
+def test_network_policy_check_fails_when_the_probe_port_is_opened(policy: str, port: Doc) -> None:
+    opened = copy.deepcopy(DOCS)
+    by_name(opened, "NetworkPolicy")[policy]["spec"]["ingress"][0]["ports"].append(port)
+    with pytest.raises(AssertionError, match="the probe port is open"):
         check_network_policies(opened)
 
 
