@@ -8,10 +8,11 @@ has pulled. Between two syncs a device watches a Poisson number of items (``view
 shaped by the hour of the simulated day: prime time dominates). Every viewing bumps the local
 version and changes its bucket's pattern, as `Brain.observe` does.
 
-A sync's delta is built like the brain's (`omega_brain.sync_delta.build_request`): each changed bucket's
-pattern as a full `ViewingPattern` (int8 embedding via `omega_protocol.encode_embedding`, the
-bucket's context, success rate and sample count) plus per-content view counts, serialized
-with `omega_protocol.encode_payload` (zstd from 64 bytes up). The pattern embedding is a mix
+A sync's delta is built like the brain's (`omega_brain.sync_delta.build_request`): each
+changed bucket's pattern as a full `ViewingPattern` (int8 embedding via
+`omega_protocol.encode_embedding`, the bucket's context, success rate and sample count)
+plus per-content view counts, serialized with `omega_protocol.encode_payload` (zstd from 64
+bytes up). The pattern embedding is a mix
 of the device's favourite cluster centroids with a fixed per-device, per-bucket offset.
 Not modelled: the once-per-model-version `ItemFactorUpdate` (no model exists in a fresh
 fleet run) and catalog or model fetches.
