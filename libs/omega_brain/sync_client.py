@@ -94,6 +94,12 @@ class SyncClient:
             with self._ctx.lock:
                 self._ctx.check_open()
                 request, sent = build_request(self._ctx)
+            if sent.local_version > 0:
+                # Write-ahead: recorded before it is sent, so that a device killed after the
+                # shard applied it but before the answer was stored settles it (sends it
+                # again, a duplicate for the shard) instead of counting its views twice
+                # under a newer version.
+                self._record_unconfirmed(request, sent)
             patterns_sent = len(sent.patterns)
             outcome = RetryOutcome()
             try:
@@ -105,8 +111,8 @@ class SyncClient:
             except SyncError as exc:
                 code = f" [{exc.code.name}]" if exc.code is not None else ""
                 message = f"{exc}{code} after {outcome.attempts} attempt(s)"
-                if exc.code not in _REFUSED_BEFORE_WRITING and sent.local_version > 0:
-                    self._record_unconfirmed(request, sent)
+                if exc.code in _REFUSED_BEFORE_WRITING:
+                    self._clear_unconfirmed()  # refused before anything was written
                 return self._sync_failed(request, sent, outcome, patterns_sent, message, 0, None)
             if not isinstance(response, sync_pb2.SyncPatternsResponse):
                 return self._sync_failed(
@@ -120,6 +126,7 @@ class SyncClient:
                 )
             bytes_down = response.ByteSize()
             if response.redirect_shard_id:
+                self._clear_unconfirmed()  # nothing was applied
                 message = f"device belongs to shard {response.redirect_shard_id!r}"
                 return self._sync_failed(
                     request,
@@ -133,6 +140,10 @@ class SyncClient:
             with self._ctx.lock:
                 self._ctx.check_open()
                 received, error = apply_response(self._ctx, sent, response)
+                # Booked (or, when the shard acknowledged less, to be sent again with the
+                # newer changes): either way no longer in doubt. A kill just before this
+                # leaves a record at or below the acknowledged version, which is dropped.
+                self._ctx.store.set_unconfirmed_send(None)
                 since_model = self._ctx.state["model_version"]
             fetched_rows, model_bytes, model_error = 0, 0, None
             if error is None and int(response.model_version) > since_model:
@@ -226,6 +237,11 @@ class SyncClient:
         with self._ctx.lock:
             if not self._ctx.closed:
                 self._ctx.store.set_unconfirmed_send(json.dumps(record))
+
+    def _clear_unconfirmed(self) -> None:
+        with self._ctx.lock:
+            if not self._ctx.closed:
+                self._ctx.store.set_unconfirmed_send(None)
 
     def _settle_unconfirmed(self, transport: SyncTransport) -> SyncResult | None:
         """Send the recorded unconfirmed request again, unchanged (the shard applies a
