@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["BrainConfig"]
 
 _MAX_UTC_OFFSET_MINUTES = 14 * 60
+ENCRYPTION_KEY_BYTES = 32
+"""Length of `BrainConfig.encryption_key` (AES-256)."""
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,12 @@ class BrainConfig:
     ef_search: int = 128
     """HNSW search beam width; faiss uses max(ef_search, k)."""
     exact_search_max_items: int = 5000
-    """Catalogs up to this size use an exact flat inner-product index (see `CatalogIndex`)."""
+    """Catalogs up to this size use an exact flat inner-product index (see `CatalogIndex`).
+
+    This is the index's memory budget: the index type follows the catalog size, an exact
+    flat index (1,536 bytes of float32 an item) up to this size and HNSW over SQ8 codes above
+    (384 bytes of codes an item plus about ``2 x hnsw_m`` 4-byte graph links), persisted
+    beside the store and memory-mapped at reopen."""
 
     candidate_multiplier: int = 5
     """recommend() asks the index for k * this many candidates (plus the watched count); with
@@ -125,6 +132,31 @@ class BrainConfig:
     utc_offset_minutes: int = 0
     """The device's offset from UTC, for the morning/afternoon/evening/night buckets."""
 
+    max_events_kept: int = 20_000
+    """Disk budget of the raw viewing history: the events table keeps the newest this many
+    events; the observe that passes it deletes the oldest in its own transaction. What
+    learning and ranking need from the history (the watched set and, per content id and
+    context bucket, the view count, success count and best completion) lives in the compact
+    ``history`` table, which compaction does not touch, so recommendations and the model
+    update are the same before and after. About 60 bytes an event: 20,000 events (ten years
+    at 5 viewings a day) is about 1.2 MB."""
+    max_global_patterns: int = 4096
+    """Budget of stored global patterns (384 float32 each, about 1.6 KB): past it, the
+    patterns of the oldest federation rounds (then the lowest quality) are dropped, so rounds
+    whose patterns the shard never replaces cannot accumulate. 4096 is about 6.5 MB."""
+    max_trending_items: int = 2000
+    """Budget of the stored trending list: only the this many highest-scored items of a
+    received list are kept (recommend() uses the top ones)."""
+    encryption_key: bytes | None = field(default=None, repr=False)
+    """Encryption at rest of the personal data (AES-256-GCM): 32 bytes supplied by the
+    host (e.g. from the TV's secure storage), or None for a plain store. Encrypted: the
+    events' content ids, times and completions, the patterns' embeddings, counts and times,
+    the compact history, the pending view counts and the unconfirmed sync request; the
+    catalog, global patterns, trending and the model are public and stay plain. A store is
+    created encrypted or plain and stays so: opening an encrypted store without its key (or
+    with another key), or a plain store with a key, raises `StoreError`. Never shown in
+    ``repr`` or stats."""
+
     def __post_init__(self) -> None:
         path = self.store_path
         if not isinstance(path, str | Path) or str(path) == "":
@@ -167,6 +199,17 @@ class BrainConfig:
             -_MAX_UTC_OFFSET_MINUTES,
             _MAX_UTC_OFFSET_MINUTES,
         )
+        _check_int("max_events_kept", self.max_events_kept, 1, 100_000_000)
+        _check_int("max_global_patterns", self.max_global_patterns, 1, 1_000_000)
+        _check_int("max_trending_items", self.max_trending_items, 1, 1_000_000)
+        key = self.encryption_key
+        if key is not None and (not isinstance(key, bytes) or len(key) != ENCRYPTION_KEY_BYTES):
+            # Never put the value in the message: it may be a near-miss of the real key.
+            raise ValueError(
+                f"encryption_key must be None or {ENCRYPTION_KEY_BYTES} bytes"
+                f" (got {type(key).__name__}"
+                + (f" of length {len(key)})" if isinstance(key, bytes | str) else ")")
+            )
 
 
 def _check_range(name: str, value: object, low: float, high: float, low_open: bool = False) -> None:

@@ -26,15 +26,15 @@ import numpy.typing as npt
 
 from omega_brain.catalog import CatalogIndex
 from omega_brain.catalog_keeper import CatalogKeeper
-from omega_brain.collaborative import InteractionWeights
+from omega_brain.collaborative import InteractionWeights, preference_vector
 from omega_brain.config import BrainConfig
 from omega_brain.errors import BrainError
 from omega_brain.index_file import index_path
-from omega_brain.model import AlignedModel, Preferences, align_model, device_preferences
+from omega_brain.model import AlignedModel, Preferences, align_model
 from omega_brain.ranking import GlobalSet
-from omega_brain.store import GlobalPatternRow, PatternRow, Store, StoredModel
+from omega_brain.store import GlobalPatternRow, HistoryRow, PatternRow, Store, StoredModel
 
-__all__ = ["BrainContext", "GlobalCache", "Trends"]
+__all__ = ["BrainContext", "GlobalCache", "Trends", "history_preferences"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,8 +110,10 @@ class BrainContext:
         state: the store's versions and counters (`Store.state`), kept in step with it.
         patterns: the local pattern of each context bucket (bucket index -> row).
         watched: content ids the device has observed.
-        viewings: (content id, completion) of every observed event, oldest first.
-        viewings_by_bucket: the same, per context bucket.
+        history: per context bucket, the `HistoryRow` of each content id viewed there: the
+            aggregate of every observed event (the store's ``history`` table), which is all
+            the preferences need, so compacting old events changes nothing here.
+        events_kept: the budget of raw events in the store (`BrainConfig.max_events_kept`).
         catalog: the catalog index in use, or None; ``owns_catalog`` when it is the
             brain's own (persisted) rather than one passed in.
         model: the stored collaborative model.
@@ -145,14 +147,13 @@ class BrainContext:
         self.aligned_cache: tuple[AlignedModel | None] | None = None
         self.store = store
         self.keeper = keeper
+        self.events_kept = config.max_events_kept
         self.state: dict[str, int] = store.state()
         self.patterns: dict[int, PatternRow] = store.patterns()
-        self.watched: set[str] = store.watched()
-        self.viewings: list[tuple[str, float]] = []
-        self.viewings_by_bucket: dict[int, list[tuple[str, float]]] = {}
-        for content_id, completion, bucket in store.viewings():
-            self.viewings.append((content_id, completion))
-            self.viewings_by_bucket.setdefault(bucket, []).append((content_id, completion))
+        self.history: dict[int, dict[str, HistoryRow]] = {}
+        for row in store.history():
+            self.history.setdefault(row.bucket, {})[row.content_id] = row
+        self.watched: set[str] = {c for rows in self.history.values() for c in rows}
         self.model: StoredModel = store.model()
         self.catalog = catalog
         if catalog is None:
@@ -173,7 +174,7 @@ class BrainContext:
         Raises:
             StoreError: the store cannot be opened, or belongs to another device.
         """
-        store = Store(config.store_path, device_id)
+        store = Store(config.store_path, device_id, encryption_key=config.encryption_key)
         keeper = CatalogKeeper(
             store,
             index_path(config.store_path),
@@ -240,7 +241,8 @@ class BrainContext:
         if self.catalog is None:
             return None
         if self.prefs_cache is None:
-            self.prefs_cache = device_preferences(self.viewings, self.catalog, self.weights)
+            rows = [r for bucket_rows in self.history.values() for r in bucket_rows.values()]
+            self.prefs_cache = history_preferences(rows, self.catalog, self.weights)
         return self.prefs_cache
 
     def context_preferences(self, bucket: int) -> Preferences | None:
@@ -250,9 +252,8 @@ class BrainContext:
             return None
         prefs = self.context_prefs_cache.get(bucket)
         if prefs is None:
-            prefs = device_preferences(
-                self.viewings_by_bucket.get(bucket, ()), self.catalog, self.weights
-            )
+            rows = list(self.history.get(bucket, {}).values())
+            prefs = history_preferences(rows, self.catalog, self.weights)
             self.context_prefs_cache[bucket] = prefs
         return prefs
 
@@ -263,6 +264,36 @@ class BrainContext:
     def trends(self) -> Trends:
         """The trending items laid over the current catalog (cached)."""
         return self.globals.trends(self.catalog)
+
+
+def history_preferences(
+    rows: Sequence[HistoryRow], catalog: CatalogIndex, weights: InteractionWeights
+) -> Preferences:
+    """`omega_brain.model.device_preferences` of the viewings that ``rows`` aggregate.
+
+    The same result as from the raw viewings: an item's weight is that of its best viewing
+    (a weight never falls as completion rises, so that is the weight of the best completion),
+    the sample count is the number of viewings of catalog items and the success rate counts
+    the viewings that were successes when observed (the same as recounting them unless
+    `BrainConfig.success_completion` changed since).
+
+    Args:
+        rows: history rows (one content id may appear in several buckets).
+        catalog: the catalog; ids it lacks are skipped.
+        weights: weight of a viewing by completion.
+    """
+    best: dict[int, float] = {}
+    successes = 0
+    samples = 0
+    for row in rows:
+        if row.content_id not in catalog:
+            continue
+        position = catalog.position_of(row.content_id)
+        best[position] = max(best.get(position, 0.0), row.best_completion)
+        successes += row.successes
+        samples += row.views
+    items, p = preference_vector(best.items(), weights)
+    return Preferences(items, p, successes / samples if samples else 0.0, samples)
 
 
 def _global_set(rows: Sequence[GlobalPatternRow]) -> GlobalSet:

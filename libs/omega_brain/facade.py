@@ -199,7 +199,14 @@ class JsonBrain:
         device_id = _param(req, "device_id", str)
         store_path = _param(req, "store_path", str, ":memory:")
         target = _param(req, "target", str, None, nullable=True)
-        overrides = _param(req, "config", dict, {})
+        overrides = dict(_param(req, "config", dict, {}))
+        key = overrides.get("encryption_key")
+        if isinstance(key, str):
+            # JSON has no bytes: the key travels as 64 hex digits (never echoed back).
+            try:
+                overrides["encryption_key"] = bytes.fromhex(key)
+            except ValueError:
+                raise _RequestError("bad config: encryption_key must be hex digits") from None
         try:
             config = BrainConfig(store_path=store_path, **overrides)
         except (TypeError, ValueError) as exc:

@@ -1,8 +1,9 @@
 """Learning on the device: a viewing event becomes a stored event and a pattern update.
 
 `Learner.observe` validates a `ViewingEvent`, moves the pattern of the event's context bucket
-(`omega_brain.patterns`), bumps the local version and records the event and its view in one
-store transaction, then updates the in-memory history of the `BrainContext`.
+(`omega_brain.patterns`), bumps the local version and records the event, its history row and
+its view in one store transaction (which also compacts the events past
+`BrainConfig.max_events_kept`), then updates the in-memory history of the `BrainContext`.
 `Learner.forget` erases that personal history (the device side of `Brain.forget`).
 """
 
@@ -70,7 +71,7 @@ class Learner:
         )
         store = ctx.store
         with store.transaction():
-            store.insert_event(
+            seen = store.insert_event(
                 content_id,
                 started_at_ms,
                 completion,
@@ -78,6 +79,7 @@ class Learner:
                 bucket,
                 int(outcome),
                 version,
+                keep=ctx.events_kept,
             )
             store.upsert_pattern(row)
             store.add_view(content_id)
@@ -85,8 +87,7 @@ class Learner:
         ctx.patterns[bucket] = row
         ctx.state["local_version"] = version
         ctx.watched.add(content_id)
-        ctx.viewings.append((content_id, completion))
-        ctx.viewings_by_bucket.setdefault(bucket, []).append((content_id, completion))
+        ctx.history.setdefault(bucket, {})[content_id] = seen
         ctx.prefs_cache = None
         ctx.context_prefs_cache.pop(bucket, None)
 
@@ -103,8 +104,7 @@ class Learner:
         ctx.state = ctx.store.state()
         ctx.patterns = {}
         ctx.watched = set()
-        ctx.viewings = []
-        ctx.viewings_by_bucket = {}
+        ctx.history = {}
         ctx.prefs_cache = None
         ctx.context_prefs_cache = {}
 

@@ -18,7 +18,13 @@ Schema (``PRAGMA user_version`` = `SCHEMA_VERSION`):
   ``model_bytes_down`` (bytes of every
   FetchModel reply received).
 * ``events(id INTEGER PK, content_id, started_at_ms, completion, watch_seconds, bucket,
-  outcome, local_version)``: raw viewing history; never leaves the device.
+  outcome, local_version, sealed)``: raw viewing history; never leaves the device. Only the
+  newest ``keep`` events are kept (`BrainConfig.max_events_kept`): the insert that passes
+  the budget deletes the oldest in its transaction.
+* ``history(content_id, bucket, views, successes, best_completion, sealed; PK (content_id,
+  bucket))``: what learning and ranking need from every event ever observed, compaction or
+  not: per content id and context bucket the number of viewings, of successful ones and the
+  highest completion. Written in the same transaction as each event.
 * ``patterns(bucket INTEGER PK, pattern_id UNIQUE, embedding BLOB NULL, successes, failures,
   neutral, sample_count, created_at_ms, updated_at_ms, changed_version, embedding_version)``:
   one row per context bucket; ``embedding`` is 384 little-endian float32 (NULL before the
@@ -26,7 +32,7 @@ Schema (``PRAGMA user_version`` = `SCHEMA_VERSION`):
   of the last change of the row / of its embedding.
 * ``acked_patterns(pattern_id TEXT PK, sample_count, acked_version)``: patterns the server has
   acknowledged, with the sample count it knows.
-* ``pending_views(content_id TEXT PK, views)``: per-content view counts not yet synced.
+* ``pending_views(content_id TEXT PK, views, sealed)``: per-content view counts not yet synced.
 * ``catalog_chunks(chunk INTEGER PK, meta BLOB, codes BLOB, scales BLOB, sha BLOB)``: the
   brain's own catalog (absent when it uses a shared `CatalogIndex`) as numbered *slots*, slot
   ``s`` in chunk ``s // CATALOG_CHUNK_SLOTS``; slot ``s`` is row ``s`` of the persisted faiss
@@ -52,30 +58,47 @@ Schema (``PRAGMA user_version`` = `SCHEMA_VERSION`):
   federated round changes every factor, and writing 1,682 rows per download cost 120 ms per
   device where one blob costs about 1 ms.
 
+Encryption at rest (a store created with an ``encryption_key``; ``meta['encryption']`` =
+``aes-256-gcm`` and ``meta['key_check']``, a sealed known value that tells a wrong key from a
+damaged row): the personal values of ``events``, ``patterns`` (embedding, counts, times),
+``history``, ``pending_views`` and the unconfirmed send are sealed with AES-256-GCM, a random
+96-bit nonce per value (``nonce || ciphertext || tag`` in the row's ``sealed`` column, the
+plain columns holding placeholders) and the table and row identity as associated data, so a
+value moved to another row does not decrypt. Rows keyed by a content id are keyed by a token,
+``~`` + HMAC-SHA256 of the id under a key derived from the host's (HKDF), so equal ids find
+their row without the id on disk. Catalog, global patterns, trending and the model are public
+and stay plain, as do versions and pattern ids (the server knows them).
+
 Migrations: every statement of the schema is ``CREATE TABLE IF NOT EXISTS`` and state keys are
 ``INSERT OR IGNORE``d with their defaults, so opening a store of an older schema adds what it
 lacks and sets ``user_version``. Version 2 added ``model`` and the ``model_*`` state keys;
 version 3 replaced the per-item float16 ``catalog`` table with ``catalog_chunks`` (a version 2
-catalog is converted when the store opens).
-
-The events table grows by one small row per viewing (about 60 bytes: 10 viewings a day for ten
-years is about 2 MB), so it is not pruned.
+catalog is converted when the store opens). A store without ``history`` gains it (filled
+from its events) and the ``sealed`` columns when it opens; this additive change kept version
+3 (a test pins it), so a brain older than it opens such a store without noticing.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import sqlite3
+import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import zstandard
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from omega_brain.errors import StoreError
 from omega_brain.patterns import PatternState, normalize
@@ -88,12 +111,13 @@ __all__ = [
     "CatalogCodes",
     "CatalogSlots",
     "GlobalPatternRow",
+    "HistoryRow",
     "PatternRow",
     "Store",
     "StoredModel",
 ]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 CATALOG_CHUNK_SLOTS = 1024
 """Catalog slots per ``catalog_chunks`` row (about 400 KB of codes)."""
@@ -130,7 +154,17 @@ CREATE TABLE IF NOT EXISTS events (
     watch_seconds REAL NOT NULL,
     bucket INTEGER NOT NULL,
     outcome INTEGER NOT NULL,
-    local_version INTEGER NOT NULL
+    local_version INTEGER NOT NULL,
+    sealed BLOB
+);
+CREATE TABLE IF NOT EXISTS history (
+    content_id TEXT NOT NULL,
+    bucket INTEGER NOT NULL,
+    views INTEGER NOT NULL,
+    successes INTEGER NOT NULL,
+    best_completion REAL NOT NULL,
+    sealed BLOB,
+    PRIMARY KEY (content_id, bucket)
 );
 CREATE TABLE IF NOT EXISTS patterns (
     bucket INTEGER PRIMARY KEY,
@@ -143,7 +177,8 @@ CREATE TABLE IF NOT EXISTS patterns (
     created_at_ms INTEGER NOT NULL,
     updated_at_ms INTEGER NOT NULL,
     changed_version INTEGER NOT NULL,
-    embedding_version INTEGER NOT NULL
+    embedding_version INTEGER NOT NULL,
+    sealed BLOB
 );
 CREATE TABLE IF NOT EXISTS acked_patterns (
     pattern_id TEXT PRIMARY KEY,
@@ -152,7 +187,8 @@ CREATE TABLE IF NOT EXISTS acked_patterns (
 );
 CREATE TABLE IF NOT EXISTS pending_views (
     content_id TEXT PRIMARY KEY,
-    views INTEGER NOT NULL
+    views INTEGER NOT NULL,
+    sealed BLOB
 );
 CREATE TABLE IF NOT EXISTS catalog_chunks (
     chunk INTEGER PRIMARY KEY,
@@ -182,6 +218,64 @@ CREATE TABLE IF NOT EXISTS model (
 _F32 = np.dtype("<f4")
 _F16 = np.dtype("<f2")
 _BLOCK_ROWS = 4096
+_SUCCESS = 1
+"""``Outcome.SUCCESS`` as stored in ``events.outcome``."""
+_CIPHER = "aes-256-gcm"
+_KEY_CHECK = b"omega-brain key check v1"
+_NONCE_BYTES = 12
+_TAG_BYTES = 16
+_PATTERN_STATS = struct.Struct("<qqqqq")
+"""Sealed pattern: successes, failures, neutral, created_at_ms, updated_at_ms, then the
+embedding's float32 bytes (none before the first success)."""
+
+
+class _Sealer:
+    """AES-256-GCM for the values of one encrypted store, and the HMAC row tokens.
+
+    Args:
+        key: the host's 32-byte key; two subkeys are derived from it with HKDF-SHA256 (one
+            for AES-GCM, one for tokens), so the raw key is used for nothing else.
+    """
+
+    __slots__ = ("_aead", "_token_key")
+
+    def __init__(self, key: bytes) -> None:
+        if not isinstance(key, bytes) or len(key) != 32:
+            raise StoreError("the encryption key must be 32 bytes")
+        self._aead = AESGCM(_derive(key, b"omega-brain store aes-256-gcm"))
+        self._token_key = _derive(key, b"omega-brain store row tokens")
+
+    def __repr__(self) -> str:
+        return "_Sealer(<key hidden>)"
+
+    def seal(self, plaintext: bytes, ad: bytes) -> bytes:
+        """``nonce || ciphertext || tag`` of ``plaintext`` bound to ``ad``."""
+        nonce = os.urandom(_NONCE_BYTES)
+        return nonce + self._aead.encrypt(nonce, plaintext, ad)
+
+    def open(self, blob: object, ad: bytes, *, what: str) -> bytes:
+        """The plaintext of a sealed value.
+
+        Raises:
+            StoreError: the value is not a sealed blob, or does not authenticate (another
+                key, tampered bytes, or moved from another row).
+        """
+        if not isinstance(blob, bytes) or len(blob) < _NONCE_BYTES + _TAG_BYTES:
+            raise StoreError(f"{what} is not encrypted as expected; the store is corrupt")
+        try:
+            return self._aead.decrypt(blob[:_NONCE_BYTES], blob[_NONCE_BYTES:], ad)
+        except InvalidTag:
+            raise StoreError(
+                f"{what} does not decrypt: the store is damaged or was tampered with"
+            ) from None
+
+    def token(self, text: str) -> str:
+        """The row key standing for ``text`` (deterministic, reveals nothing without the key)."""
+        return "~" + hmac.new(self._token_key, text.encode(), hashlib.sha256).hexdigest()
+
+
+def _derive(key: bytes, label: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=label).derive(key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +289,25 @@ class PatternRow:
     updated_at_ms: int
     changed_version: int
     embedding_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRow:
+    """One row of ``history``: every viewing of one content id in one context bucket.
+
+    Attributes:
+        content_id: the content.
+        bucket: context bucket index in [0, 8) the viewings were filed under.
+        views: number of viewings.
+        successes: viewings classified as a success when observed.
+        best_completion: the highest completion in [0, 1].
+    """
+
+    content_id: str
+    bucket: int
+    views: int
+    successes: int
+    best_completion: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,14 +407,19 @@ class Store:
     Args:
         path: file path, or ``":memory:"``.
         device_id: the device the store belongs to; recorded on first open and checked after.
+        encryption_key: 32 bytes to create (or open) an encrypted store, None for a plain one.
 
     Raises:
         StoreError: the file cannot be opened or is not a brain store, was written by a newer
-            schema, or belongs to another device.
+            schema, or belongs to another device; or it is encrypted and the key is missing
+            or wrong, or it is plain and a key was given.
     """
 
-    def __init__(self, path: str | Path, device_id: str) -> None:
+    def __init__(
+        self, path: str | Path, device_id: str, *, encryption_key: bytes | None = None
+    ) -> None:
         self._path = str(path)
+        self._sealer = _Sealer(encryption_key) if encryption_key is not None else None
         try:
             self._conn = sqlite3.connect(
                 self._path, timeout=5.0, isolation_level=None, check_same_thread=False
@@ -323,6 +441,9 @@ class Store:
                 raise StoreError(
                     f"store schema {version} is newer than this brain's ({SCHEMA_VERSION})"
                 )
+            had_history = self._conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'history'"
+            ).fetchone()
             with self.transaction():
                 # executescript() would commit the open transaction: run statements one by one.
                 for statement in _SCHEMA.split(";"):
@@ -330,8 +451,11 @@ class Store:
                         self._conn.execute(statement)
                 if version < 3:
                     self._migrate_float16_catalog()
+                if had_history is None:
+                    self._migrate_history()
                 self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 row = self._conn.execute("SELECT value FROM meta WHERE key='device_id'").fetchone()
+                self._check_encryption(is_new=row is None)
                 if row is None:
                     self._conn.execute(
                         "INSERT INTO meta (key, value) VALUES ('device_id', ?)", (device_id,)
@@ -364,6 +488,63 @@ class Store:
                 CatalogCodes.quantize(normalize(x)),
             )
         self._conn.execute("DROP TABLE catalog")
+
+    def _migrate_history(self) -> None:
+        """A store without ``history``: the ``sealed`` columns, and ``history`` from the
+        stored events (such a store is never encrypted)."""
+        for table in ("events", "patterns", "pending_views"):
+            columns = {r[1] for r in self._conn.execute(f"PRAGMA table_info({table})")}
+            if "sealed" not in columns:
+                self._conn.execute(f"ALTER TABLE {table} ADD COLUMN sealed BLOB")
+        self._conn.execute(
+            "INSERT OR IGNORE INTO history (content_id, bucket, views, successes,"
+            " best_completion) SELECT content_id, bucket, COUNT(*), SUM(outcome = ?),"
+            " MAX(completion) FROM events GROUP BY content_id, bucket",
+            (_SUCCESS,),
+        )
+
+    def _check_encryption(self, *, is_new: bool) -> None:
+        """Refuse a key that does not match the store (see the module docstring)."""
+        rows = dict(
+            self._conn.execute(
+                "SELECT key, value FROM meta WHERE key IN ('encryption', 'key_check')"
+            ).fetchall()
+        )
+        sealer = self._sealer
+        if "encryption" not in rows:
+            if sealer is None:
+                return
+            if not is_new:
+                raise StoreError(
+                    f"store {self._path!r} is not encrypted; it cannot be opened with an"
+                    " encryption key (it is never converted in place)"
+                )
+            self._conn.executemany(
+                "INSERT INTO meta (key, value) VALUES (?, ?)",
+                [
+                    ("encryption", _CIPHER),
+                    ("key_check", sealer.seal(_KEY_CHECK, b"meta:key_check").hex()),
+                ],
+            )
+            return
+        if rows["encryption"] != _CIPHER:
+            raise StoreError(f"store {self._path!r} uses unknown encryption {rows['encryption']!r}")
+        if sealer is None:
+            raise StoreError(f"store {self._path!r} is encrypted; an encryption key is required")
+        try:
+            check = bytes.fromhex(str(rows.get("key_check", "")))
+        except ValueError:
+            check = b""
+        try:
+            ok = sealer.open(check, b"meta:key_check", what="the key check") == _KEY_CHECK
+        except StoreError:
+            ok = False
+        if not ok:
+            raise StoreError(f"wrong encryption key for store {self._path!r}")
+
+    def _unseal(self, blob: object, ad: bytes, what: str) -> bytes:
+        assert self._sealer is not None
+        return self._sealer.open(blob, ad, what=what)
 
     @contextmanager
     def _guard(self, what: str) -> Iterator[None]:
@@ -414,10 +595,18 @@ class Store:
         with self._guard("reading patterns"):
             rows = self._conn.execute(
                 "SELECT bucket, pattern_id, embedding, successes, failures, neutral,"
-                " created_at_ms, updated_at_ms, changed_version, embedding_version FROM patterns"
+                " created_at_ms, updated_at_ms, changed_version, embedding_version, sealed"
+                " FROM patterns"
             ).fetchall()
         out: dict[int, PatternRow] = {}
-        for b, pid, blob, s, f, n, created, updated, changed, emb_v in rows:
+        for b, pid, blob, s, f, n, created, updated, changed, emb_v, sealed in rows:
+            if self._sealer is not None:
+                plain = self._unseal(sealed, _pattern_ad(int(b), str(pid)), "a stored pattern")
+                if len(plain) not in (_PATTERN_STATS.size, _PATTERN_STATS.size + 4 * EMBEDDING_DIM):
+                    raise StoreError("a sealed pattern has the wrong size; the store is corrupt")
+                s, f, n, created, updated = _PATTERN_STATS.unpack_from(plain)
+                rest = plain[_PATTERN_STATS.size :]
+                blob = rest if rest else None
             embedding = None if blob is None else _vector_from_blob(blob, _F32)
             state = PatternState(embedding=embedding, successes=s, failures=f, neutral=n)
             out[int(b)] = PatternRow(int(b), str(pid), state, created, updated, changed, emb_v)
@@ -431,15 +620,50 @@ class Store:
 
     def pending_views(self) -> dict[str, int]:
         """View counts not yet synced, by content id."""
+        if self._sealer is not None:
+            with self._guard("reading pending views"):
+                sealed = self._conn.execute(
+                    "SELECT content_id, sealed FROM pending_views"
+                ).fetchall()
+            out: dict[str, int] = {}
+            for token, blob in sealed:
+                cid, views = self._pending_of(str(token), blob)
+                if views > 0:
+                    out[cid] = views
+            return out
         with self._guard("reading pending views"):
             rows = self._conn.execute("SELECT content_id, views FROM pending_views WHERE views > 0")
             return {str(cid): int(v) for cid, v in rows.fetchall()}
 
+    def _pending_of(self, token: str, blob: object) -> tuple[str, int]:
+        plain = self._unseal(blob, b"pending_views:" + token.encode(), "a pending view count")
+        cid, views = _json_list(plain, 2, "a pending view count")
+        return str(cid), int(views)
+
     def watched(self) -> set[str]:
-        """Every content id with at least one observed event."""
-        with self._guard("reading events"):
-            rows = self._conn.execute("SELECT DISTINCT content_id FROM events").fetchall()
-        return {str(r[0]) for r in rows}
+        """Every content id with at least one observed event (compacted ones included)."""
+        return {row.content_id for row in self.history()}
+
+    def history(self) -> list[HistoryRow]:
+        """Every ``history`` row: the aggregate of all events observed, compacted or not."""
+        with self._guard("reading the viewing history"):
+            rows = self._conn.execute(
+                "SELECT content_id, bucket, views, successes, best_completion, sealed"
+                " FROM history ORDER BY content_id, bucket"
+            ).fetchall()
+        if self._sealer is None:
+            return [
+                HistoryRow(str(c), int(b), int(v), int(ok), float(x)) for c, b, v, ok, x, _ in rows
+            ]
+        out = []
+        for token, _b, _v, _ok, _x, sealed in rows:
+            out.append(self._history_of(str(token), sealed))
+        return out
+
+    def _history_of(self, token: str, blob: object) -> HistoryRow:
+        plain = self._unseal(blob, b"history:" + token.encode(), "a history row")
+        c, b, v, ok, x = _json_list(plain, 5, "a history row")
+        return HistoryRow(str(c), int(b), int(v), int(ok), float(x))
 
     def event_count(self) -> int:
         """Number of stored events."""
@@ -520,9 +744,16 @@ class Store:
         """
         with self._guard("reading events"):
             rows = self._conn.execute(
-                "SELECT content_id, completion, bucket FROM events ORDER BY id"
+                "SELECT content_id, completion, bucket, id, sealed FROM events ORDER BY id"
             ).fetchall()
-        return [(str(c), float(x), int(b)) for c, x, b in rows]
+        if self._sealer is None:
+            return [(str(c), float(x), int(b)) for c, x, b, _, _ in rows]
+        out = []
+        for _c, _x, _b, event_id, sealed in rows:
+            plain = self._unseal(sealed, b"events:%d" % int(event_id), "a stored event")
+            c, _start, x, _watch, b, _outcome = _json_list(plain, 6, "a stored event")
+            out.append((str(c), float(x), int(b)))
+        return out
 
     def model(self) -> StoredModel:
         """The persisted item-factor model (no rows before the first fetch).
@@ -592,20 +823,101 @@ class Store:
         bucket: int,
         outcome: int,
         local_version: int,
-    ) -> None:
-        """Append one viewing event."""
+        *,
+        keep: int | None = None,
+    ) -> HistoryRow:
+        """Append one viewing event, add it to its ``history`` row and, with ``keep``,
+        delete the oldest events past the newest ``keep`` (compaction). Call inside
+        `transaction` so that the three happen together.
+
+        Returns:
+            The event's ``history`` row after the event.
+        """
         with self._guard("writing an event"):
-            self._conn.execute(
-                "INSERT INTO events (content_id, started_at_ms, completion, watch_seconds,"
-                " bucket, outcome, local_version) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (content_id, started_at_ms, completion, watch_seconds, bucket, outcome,
-                 local_version),
-            )  # fmt: skip
+            last = self._conn.execute("SELECT MAX(id) FROM events").fetchone()[0]
+            event_id = int(last or 0) + 1
+            values = (content_id, started_at_ms, completion, watch_seconds, bucket, outcome)
+            if self._sealer is None:
+                self._conn.execute(
+                    "INSERT INTO events (id, content_id, started_at_ms, completion,"
+                    " watch_seconds, bucket, outcome, local_version)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (event_id, *values, local_version),
+                )
+            else:
+                sealed = self._sealer.seal(_json_bytes(list(values)), b"events:%d" % event_id)
+                self._conn.execute(
+                    "INSERT INTO events (id, content_id, started_at_ms, completion,"
+                    " watch_seconds, bucket, outcome, local_version, sealed)"
+                    " VALUES (?, '', 0, 0, 0, 0, 0, ?, ?)",
+                    (event_id, local_version, sealed),
+                )
+            if keep is not None and event_id > keep:
+                # Ids grow by one per event, so this keeps the newest ``keep`` (an index range).
+                self._conn.execute("DELETE FROM events WHERE id <= ?", (event_id - keep,))
+            return self._add_to_history(
+                content_id, bucket, int(outcome == _SUCCESS), float(completion)
+            )
+
+    def _add_to_history(
+        self, content_id: str, bucket: int, success: int, completion: float
+    ) -> HistoryRow:
+        if self._sealer is None:
+            row = self._conn.execute(
+                "INSERT INTO history (content_id, bucket, views, successes, best_completion)"
+                " VALUES (?, ?, 1, ?, ?) ON CONFLICT (content_id, bucket) DO UPDATE SET"
+                " views = views + 1, successes = successes + excluded.successes,"
+                " best_completion = MAX(best_completion, excluded.best_completion)"
+                " RETURNING views, successes, best_completion",
+                (content_id, bucket, success, completion),
+            ).fetchone()
+            return HistoryRow(content_id, bucket, int(row[0]), int(row[1]), float(row[2]))
+        token = self._sealer.token(f"{content_id}\x00{bucket}")
+        found = self._conn.execute(
+            "SELECT sealed FROM history WHERE content_id = ?", (token,)
+        ).fetchone()
+        old = (
+            self._history_of(token, found[0])
+            if found is not None
+            else HistoryRow(content_id, bucket, 0, 0, 0.0)
+        )
+        new = HistoryRow(
+            content_id,
+            bucket,
+            old.views + 1,
+            old.successes + success,
+            max(old.best_completion, completion) if old.views else completion,
+        )
+        sealed = self._sealer.seal(
+            _json_bytes([content_id, bucket, new.views, new.successes, new.best_completion]),
+            b"history:" + token.encode(),
+        )
+        self._conn.execute(
+            "INSERT OR REPLACE INTO history (content_id, bucket, views, successes,"
+            " best_completion, sealed) VALUES (?, 0, 0, 0, 0, ?)",
+            (token, sealed),
+        )
+        return new
 
     def upsert_pattern(self, row: PatternRow) -> None:
         """Insert or replace the pattern of ``row.bucket``."""
         st = row.state
         blob = None if st.embedding is None else _blob(st.embedding, _F32)
+        if self._sealer is not None:
+            plain = _PATTERN_STATS.pack(
+                st.successes, st.failures, st.neutral, row.created_at_ms, row.updated_at_ms
+            ) + (blob or b"")
+            sealed = self._sealer.seal(plain, _pattern_ad(row.bucket, row.pattern_id))
+            with self._guard("writing a pattern"):
+                self._conn.execute(
+                    "INSERT OR REPLACE INTO patterns (bucket, pattern_id, embedding, successes,"
+                    " failures, neutral, sample_count, created_at_ms, updated_at_ms,"
+                    " changed_version, embedding_version, sealed)"
+                    " VALUES (?, ?, NULL, 0, 0, 0, 0, 0, 0, ?, ?, ?)",
+                    (row.bucket, row.pattern_id, row.changed_version, row.embedding_version,
+                     sealed),
+                )  # fmt: skip
+            return
         with self._guard("writing a pattern"):
             self._conn.execute(
                 "INSERT OR REPLACE INTO patterns (bucket, pattern_id, embedding, successes,"
@@ -618,6 +930,10 @@ class Store:
 
     def add_view(self, content_id: str, views: int = 1) -> None:
         """Count ``views`` more pending views of ``content_id``."""
+        if self._sealer is not None:
+            with self._guard("counting a view"):
+                self._set_pending(content_id, views)
+            return
         with self._guard("counting a view"):
             self._conn.execute(
                 "INSERT INTO pending_views (content_id, views) VALUES (?, ?)"
@@ -627,12 +943,37 @@ class Store:
 
     def subtract_views(self, sent: Mapping[str, int]) -> None:
         """Remove views that were synced; views counted since stay pending."""
+        if self._sealer is not None:
+            with self._guard("clearing synced views"):
+                for cid, v in sent.items():
+                    self._set_pending(cid, -int(v))
+            return
         with self._guard("clearing synced views"):
             self._conn.executemany(
                 "UPDATE pending_views SET views = views - ? WHERE content_id = ?",
                 [(int(v), cid) for cid, v in sent.items()],
             )
             self._conn.execute("DELETE FROM pending_views WHERE views <= 0")
+
+    def _set_pending(self, content_id: str, delta: int) -> None:
+        """Encrypted stores: add ``delta`` to the sealed pending count of ``content_id``
+        (the row is deleted when the count drops to 0 or below)."""
+        assert self._sealer is not None
+        token = self._sealer.token(content_id)
+        found = self._conn.execute(
+            "SELECT sealed FROM pending_views WHERE content_id = ?", (token,)
+        ).fetchone()
+        views = delta + (self._pending_of(token, found[0])[1] if found is not None else 0)
+        if views <= 0:
+            self._conn.execute("DELETE FROM pending_views WHERE content_id = ?", (token,))
+            return
+        sealed = self._sealer.seal(
+            _json_bytes([content_id, views]), b"pending_views:" + token.encode()
+        )
+        self._conn.execute(
+            "INSERT OR REPLACE INTO pending_views (content_id, views, sealed) VALUES (?, 1, ?)",
+            (token, sealed),
+        )
 
     def mark_acked(self, items: Iterable[tuple[str, int]], version: int) -> None:
         """Record ``(pattern_id, sample_count)`` pairs as acknowledged at ``version``."""
@@ -649,7 +990,12 @@ class Store:
             row = self._conn.execute(
                 "SELECT value FROM meta WHERE key = 'unconfirmed_send'"
             ).fetchone()
-        return None if row is None else str(row[0])
+        if row is None:
+            return None
+        if self._sealer is not None:
+            plain = self._unseal(row[0], b"meta:unconfirmed_send", "the unconfirmed send")
+            return plain.decode("utf-8", errors="replace")
+        return str(row[0])
 
     def set_unconfirmed_send(self, value: str | None) -> None:
         """Record (or, with None, clear) the sync request whose outcome is unknown."""
@@ -657,10 +1003,13 @@ class Store:
             if value is None:
                 self._conn.execute("DELETE FROM meta WHERE key = 'unconfirmed_send'")
             else:
+                stored: str | bytes = value
+                if self._sealer is not None:
+                    stored = self._sealer.seal(value.encode(), b"meta:unconfirmed_send")
                 self._conn.execute(
                     "INSERT INTO meta (key, value) VALUES ('unconfirmed_send', ?)"
                     " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                    (value,),
+                    (stored,),
                 )
 
     def forget_personal_data(self) -> None:
@@ -669,7 +1018,7 @@ class Store:
         servers (catalog, global patterns, trending, the model) is kept. Call inside
         `transaction`; the freed pages are reclaimed by SQLite's next vacuum."""
         with self._guard("forgetting personal data"):
-            for table in ("events", "patterns", "acked_patterns", "pending_views"):
+            for table in ("events", "history", "patterns", "acked_patterns", "pending_views"):
                 self._conn.execute(f"DELETE FROM {table}")
             self._conn.execute("DELETE FROM meta WHERE key = 'unconfirmed_send'")
             keep = ("global_version", "catalog_version", "model_version", "model_factors")
@@ -810,13 +1159,19 @@ class Store:
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def replace_global_patterns(
-        self, rows: Sequence[GlobalPatternRow], *, continuation: bool = False
+        self,
+        rows: Sequence[GlobalPatternRow],
+        *,
+        continuation: bool = False,
+        keep: int | None = None,
     ) -> None:
         """Store global patterns: rows of a round already stored are replaced by the new copy of
         that round, and a key present in ``rows`` replaces the stored pattern of that key.
 
         ``continuation``: ``rows`` continue a transfer whose first part was stored already
         (a sync answer's later part): they are added, the rounds are not cleared.
+        ``keep``: at most this many patterns stay stored, those of the newest rounds (then the
+        highest quality, then the smallest key) first (`BrainConfig.max_global_patterns`).
         """
         rounds = [] if continuation else sorted({r.round for r in rows})
         with self._guard("writing global patterns"):
@@ -832,9 +1187,21 @@ class Store:
                     for r in rows
                 ],
             )  # fmt: skip
+            if keep is not None:
+                self._conn.execute(
+                    "DELETE FROM global_patterns WHERE pattern_key NOT IN (SELECT pattern_key"
+                    " FROM global_patterns ORDER BY round DESC, quality DESC, pattern_key"
+                    " LIMIT ?)",
+                    (int(keep),),
+                )
 
-    def replace_trending(self, items: Sequence[tuple[str, float]]) -> None:
-        """Replace the trending list with ``(content_id, score)`` pairs."""
+    def replace_trending(
+        self, items: Sequence[tuple[str, float]], *, keep: int | None = None
+    ) -> None:
+        """Replace the trending list with ``(content_id, score)`` pairs; with ``keep``, only
+        the ``keep`` highest scores (ties: the smallest ids) are stored."""
+        if keep is not None and len(items) > keep:
+            items = sorted(items, key=lambda item: (-item[1], item[0]))[:keep]
         with self._guard("writing trending content"):
             self._conn.execute("DELETE FROM trending")
             self._conn.executemany(
@@ -896,6 +1263,24 @@ class Store:
                     b"".join(merged[c][1] for c in ids),
                 ),
             )
+
+
+def _pattern_ad(bucket: int, pattern_id: str) -> bytes:
+    return f"patterns:{bucket}:{pattern_id}".encode()
+
+
+def _json_bytes(value: object) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def _json_list(plain: bytes, length: int, what: str) -> list[Any]:
+    try:
+        value = json.loads(plain)
+    except ValueError:
+        value = None
+    if not isinstance(value, list) or len(value) != length:
+        raise StoreError(f"{what} decrypts to a malformed value; the store is corrupt")
+    return value
 
 
 def _blob(vector: npt.NDArray[np.float32], dtype: np.dtype[np.floating]) -> bytes:

@@ -237,9 +237,11 @@ def apply_response(
                 continuation = ctx.state["global_page_offset"] > 0 and page_version == int(
                     response.global_version
                 )
-                ctx.store.replace_global_patterns(rows, continuation=continuation)
+                ctx.store.replace_global_patterns(
+                    rows, continuation=continuation, keep=ctx.config.max_global_patterns
+                )
             if trending:
-                ctx.store.replace_trending(trending)
+                ctx.store.replace_trending(trending, keep=ctx.config.max_trending_items)
             if response.next_global_page_offset:
                 # Part of the global patterns: the rest comes with the next syncs; the
                 # version is adopted with the last part.

@@ -259,7 +259,7 @@ def test_version_1_store_is_migrated(tmp_path: Path) -> None:
         assert (state["model_version"], state["model_update_version"]) == (0, -1)
         assert store.model().content_ids == ()
         version = store._conn.execute("PRAGMA user_version").fetchone()[0]
-        assert version == SCHEMA_VERSION == 3
+        assert version == SCHEMA_VERSION == 4
     finally:
         store.close()
 
