@@ -29,7 +29,8 @@ class ServiceSettings(BaseSettings):
         0,
         ge=0,
         le=65535,
-        description="Port of the Prometheus /metrics HTTP endpoint; 0 disables it.",
+        description="Port of the Prometheus /metrics HTTP endpoint; 0 disables it (the "
+        "federation worker serves it in periodic mode only).",
     )
     plaintext: bool = Field(
         False,

@@ -26,7 +26,10 @@ class ConstellationSettings(ServiceSettings):
         min_length=1,
         description="Every shard id of the shard map (JSON list); devices hash over it.",
     )
-    host: str = Field("127.0.0.1", description="Interface the gRPC server binds.")
+    host: str = Field(
+        "127.0.0.1",
+        description="Interface the device listener, /metrics and the probe listener bind.",
+    )
     port: int = Field(
         50051, ge=0, le=65535, description="gRPC port; 0 picks a free port (logged at start)."
     )

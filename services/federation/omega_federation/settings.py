@@ -30,23 +30,43 @@ class FederationSettings(ServiceSettings):
         0.8, ge=0.0, le=1.0, description="Round threshold on exported patterns."
     )
     min_sources: int = Field(
-        1000, ge=1, description="k-anonymity: distinct devices a group needs to be published."
+        1000,
+        ge=1,
+        description="Patterns pipeline (patterns_enabled): k-anonymity, distinct devices a "
+        "group needs to be published (the model has model_min_devices).",
     )
     codebook_size: int = Field(
-        64, ge=1, description="k-means centroids of the pattern-key codebook."
+        64,
+        ge=1,
+        description="Patterns pipeline (patterns_enabled): k-means centroids of the "
+        "pattern-key codebook.",
     )
     epsilon: float = Field(
-        1.0, gt=0, description="Differential privacy budget per round (epsilon)."
+        1.0,
+        gt=0,
+        description="Patterns pipeline (patterns_enabled): differential privacy budget per "
+        "round (epsilon); the model has its own ledger (model_epsilon_budget).",
     )
     delta: float = Field(
-        1e-6, gt=0, lt=1, description="Differential privacy delta per round (Gaussian)."
+        1e-6,
+        gt=0,
+        lt=1,
+        description="Patterns pipeline (patterns_enabled): differential privacy delta per "
+        "round (Gaussian).",
     )
     clipping_norm: float = Field(
-        20.0, gt=0, description="Per-device clip of the weight success_rate x sample_count."
+        20.0,
+        gt=0,
+        description="Patterns pipeline (patterns_enabled): per-device clip of the weight "
+        "success_rate x sample_count.",
     )
-    mechanism: Literal["gaussian", "laplace"] = Field("gaussian", description="DP noise.")
+    mechanism: Literal["gaussian", "laplace"] = Field(
+        "gaussian", description="Patterns pipeline (patterns_enabled): DP noise."
+    )
     max_patterns_per_device: int = Field(
-        8, ge=1, description="Groups one device may join per round."
+        8,
+        ge=1,
+        description="Patterns pipeline (patterns_enabled): groups one device may join per round.",
     )
     trend_decay_per_hour: float = Field(0.95, gt=0, le=1, description="Trend score decay per hour.")
     trend_noise_scale: float = Field(
