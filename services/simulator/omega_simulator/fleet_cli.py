@@ -3,7 +3,9 @@
 ``fleet`` resolves the scenario (built-in name or file, with command-line overrides), the
 target (``--target`` shards, or ``--local``: a local stack of its own with TLS and device
 credentials), the catalog's structure (``--catalog`` file, the local stack's catalog, or
-``FetchEmbeddings`` from the first shard), runs the fleet and writes the report folder.
+``FetchEmbeddings`` from the first shard), runs the fleet and writes the report folder. A
+scenario with ``faults`` puts a loopback fault proxy (`omega_simulator.fleet_proxy`) between the
+devices and every shard.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from omega_simulator.fleet_catalog import (
     synthetic_catalog,
     write_catalog_npz,
 )
+from omega_simulator.fleet_proxy import FaultProxies
 from omega_simulator.fleet_report import (
     compare_markdown,
     compare_reports,
@@ -178,12 +181,41 @@ def fleet_main(args: argparse.Namespace) -> int:
             taste = _fetch_taste(
                 next(iter(shards.values())), access, scenario.catalog_clusters, scenario.seed
             )
+        unknown = {f.shard for f in scenario.faults if f.shard is not None} - set(shards)
+        if unknown:
+            print(
+                f"omega-simulator fleet: faults name unknown shards {sorted(unknown)} "
+                f"(shards: {sorted(shards)})",
+                file=sys.stderr,
+            )
+            return 2
+        proxies: FaultProxies | None = None
+        targets = shards
+        if scenario.faults:
+            proxies = FaultProxies(shards, scenario.faults, scenario.seed)
+            targets = stack.enter_context(proxies.running())
+            print(
+                "fault proxy: "
+                + ", ".join(f"{k} {targets[k]} -> {v}" for k, v in shards.items())
+                + "; "
+                + "; ".join(f.label() for f in scenario.faults)
+            )
         print(
             f"fleet {scenario.name}: {scenario.devices:,} devices, "
             f"{scenario.base_rate_per_second:,.1f} syncs/s scheduled, "
-            f"{scenario.duration_seconds:g} s, {scenario.workers} worker(s) -> {shards}"
+            f"{scenario.duration_seconds:g} s, {scenario.workers} worker(s) -> {targets}"
         )
-        run = run_fleet(scenario, shards, access, taste, live=args.live)
+        run = run_fleet(
+            scenario,
+            targets,
+            access,
+            taste,
+            live=args.live,
+            on_start=None if proxies is None else proxies.begin,
+        )
+        if proxies is not None:
+            proxies.stop()
+            run.proxy = {"shards": shards, "stats": proxies.stats()}
     report = write_report(run, output)
     f = report["figures"]
     lat = f["latency_ms"]

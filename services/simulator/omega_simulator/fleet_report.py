@@ -17,14 +17,16 @@ matplotlib.use("Agg")  # files only, never a display
 
 import matplotlib.pyplot as plt
 
-from omega_simulator.fleet_measure import percentiles_ms
+from omega_simulator.fleet_measure import Recorder, latency_histogram, percentiles_ms
 from omega_simulator.fleet_run import FleetRun
+from omega_simulator.fleet_scenario import Fault
 
 __all__ = [
     "COMPARED_FIGURES",
     "PLOTS",
     "build_report",
     "compare_reports",
+    "fault_figures",
     "load_report",
     "render_markdown",
     "write_report",
@@ -42,6 +44,73 @@ def _last_active(run: FleetRun) -> int:
         if rec.scheduled[i] or rec.completed[i] or rec.failed[i] or rec.ok[i]
     ]
     return (max(active) + 1) if active else 1
+
+
+def _slice(rec: Recorder, windows: list[int]) -> dict[str, Any]:
+    hist = latency_histogram(2)
+    errors: dict[str, int] = {}
+    for i in windows:
+        hist.add(rec.window_latency[i])
+        for status, counts in rec.window_errors.items():
+            if counts[i]:
+                errors[status] = errors.get(status, 0) + counts[i]
+    scheduled = sum(rec.scheduled[i] for i in windows)
+    failed = sum(rec.failed[i] for i in windows)
+    pct = percentiles_ms(hist)
+    return {
+        "scheduled": scheduled,
+        "ok": sum(rec.ok[i] for i in windows),
+        "failed": failed,
+        "error_rate": failed / scheduled if scheduled else 0.0,
+        "errors": dict(sorted(errors.items())),
+        "latency_ms": {"p50": pct["p50"], "p99": pct["p99"], "max": pct["max"]},
+    }
+
+
+def fault_figures(rec: Recorder, faults: tuple[Fault, ...], n: int) -> dict[str, Any]:
+    """What each fault window did, from the series (by scheduled time, at the series' window
+    resolution): syncs scheduled inside the windows it overlaps, failed there and elsewhere,
+    latency inside vs outside, and how long failures lasted (from the fault's start to the
+    last failing window before the first clean one after its end).
+
+    Args:
+        rec: the run's merged measurements.
+        faults: the scenario's faults.
+        n: series windows with activity.
+
+    Returns:
+        ``{"faults": [...], "outside": figures of the windows no fault overlaps}``.
+    """
+    ws = rec.window_seconds
+    covered: set[int] = set()
+    rows = []
+    for f in faults:
+        inside = [i for i in range(n) if i * ws < f.end_seconds and (i + 1) * ws > f.start_seconds]
+        covered.update(inside)
+        outside = [i for i in range(n) if i not in inside]
+        last_failing: int | None = None
+        for j in range(inside[0] if inside else n, n):
+            if (j * ws >= f.end_seconds) and rec.failed[j] == 0 and rec.ok[j] > 0:
+                break
+            if rec.failed[j]:
+                last_failing = j
+        rows.append(
+            {
+                "kind": f.kind,
+                "label": f.label(),
+                "fault": f.model_dump(mode="json", exclude_none=True),
+                "window_seconds": [
+                    (inside[0] * ws) if inside else f.start_seconds,
+                    ((inside[-1] + 1) * ws) if inside else f.end_seconds,
+                ],
+                "inside": _slice(rec, inside),
+                "outside": _slice(rec, outside),
+                "failures_until_seconds": (
+                    None if last_failing is None else (last_failing + 1) * ws
+                ),
+            }
+        )
+    return {"faults": rows, "outside": _slice(rec, [i for i in range(n) if i not in covered])}
 
 
 def build_report(run: FleetRun) -> dict[str, Any]:
@@ -113,6 +182,7 @@ def build_report(run: FleetRun) -> dict[str, Any]:
             ],
         },
         "histograms": {"latency_us": bytes(rec.latency.encode()).decode("ascii")},
+        "faults": ({**fault_figures(rec, sc.faults, n), "proxy": run.proxy} if sc.faults else None),
     }
 
 
@@ -171,6 +241,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["| error | count |", "| --- | ---: |"]
         lines += [f"| {k} | {v:,} |" for k, v in report["errors"].items()]
         lines.append("")
+    if report.get("faults"):
+        lines += _faults_markdown(report["faults"])
     if run["lost_workers"]:
         lines += ["Lost workers: " + "; ".join(run["lost_workers"]), ""]
     lines += [
@@ -179,6 +251,74 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     lines += [f"![{p[:-4]}]({p})" for p in PLOTS]
     return "\n".join(lines) + "\n"
+
+
+def _faults_markdown(faults: dict[str, Any]) -> list[str]:
+    def lat(x: dict[str, Any]) -> str:
+        if not x["ok"]:
+            return "-"
+        return f"{x['latency_ms']['p50']:.1f} / {x['latency_ms']['p99']:.1f}"
+
+    def errs(x: dict[str, Any]) -> str:
+        return ", ".join(f"{k} {v:,}" for k, v in x["errors"].items()) or "-"
+
+    proxy = faults.get("proxy") or {}
+    stats = proxy.get("stats", {})
+    lines = [
+        "## Faults",
+        "",
+        "A loopback TCP proxy sat between the devices and "
+        + (", ".join(f"{k}={v}" for k, v in proxy.get("shards", {}).items()) or "the shards")
+        + ". Syncs are placed by their scheduled time, in series windows; a fault's figures "
+        "cover the windows it overlaps, *outside* every other window of the run.",
+        "",
+        "| fault | windows (s) | scheduled inside | failed inside | errors inside "
+        "| failed outside | p50 / p99 ms inside | p50 / p99 ms outside | failures until |",
+        "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for row in faults["faults"]:
+        i, o = row["inside"], row["outside"]
+        until = row["failures_until_seconds"]
+        lines.append(
+            f"| {row['label']} | {row['window_seconds'][0]:g}-{row['window_seconds'][1]:g} "
+            f"| {i['scheduled']:,} | {i['failed']:,} ({100 * i['error_rate']:.1f}%) "
+            f"| {errs(i)} | {o['failed']:,} ({100 * o['error_rate']:.1f}%) | {lat(i)} "
+            f"| {lat(o)} | {'no failures' if until is None else f'{until:g} s'} |"
+        )
+    rest = faults["outside"]
+    lines += [
+        "",
+        f"Outside every fault window: {rest['scheduled']:,} syncs scheduled, "
+        f"{rest['ok']:,} answered, {rest['failed']:,} failed "
+        f"({100 * rest['error_rate']:.2f}%; {errs(rest)}), p50 / p99 {lat(rest)} ms.",
+        "",
+    ]
+    for shard_id, st in stats.items():
+        per = "; ".join(
+            f"{label}: {v['connections_reset']} reset, {v['connections_held']} held"
+            for label, v in st["faults"].items()
+        )
+        lines.append(f"Proxy of {shard_id}: {st['connections']} connections accepted; {per}.")
+    if stats:
+        lines.append("")
+    return lines
+
+
+_FAULT_COLOURS = {"cut": "tab:red", "reset": "tab:orange", "latency": "tab:purple"}
+
+
+def _mark_faults(ax: Any, report: dict[str, Any]) -> None:
+    seen: set[str] = set()
+    for f in report["scenario"].get("faults") or ():
+        kind = f["kind"]
+        ax.axvspan(
+            f["start_seconds"],
+            f["start_seconds"] + f["duration_seconds"],
+            color=_FAULT_COLOURS.get(kind, "tab:gray"),
+            alpha=0.15,
+            label=None if kind in seen else f"fault: {kind}",
+        )
+        seen.add(kind)
 
 
 def _plot(path: Path, title: str, ylabel: str, draw: Callable[[Any], None]) -> None:
@@ -207,13 +347,16 @@ def write_plots(report: dict[str, Any], folder: Path) -> list[Path]:
             values = [math.nan if v is None else v for v in s["latency_ms"][p]]
             ax.plot(t, values, label=p, marker=".")
         ax.set_yscale("log")
+        _mark_faults(ax, report)
 
     def throughput(ax: Any) -> None:
+        _mark_faults(ax, report)
         ax.plot(t, s["scheduled_per_second"], label="scheduled", linestyle="--")
         ax.plot(t, s["completed_per_second"], label="answered (by completion time)")
         ax.plot(t, s["failed_per_second"], label="failed")
 
     def errors(ax: Any) -> None:
+        _mark_faults(ax, report)
         if not s["errors_per_second"]:
             ax.plot(t, [0.0] * len(t), label="no errors")
         for status, values in s["errors_per_second"].items():

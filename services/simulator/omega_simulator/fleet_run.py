@@ -16,6 +16,7 @@ import queue as queue_module
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +57,8 @@ class FleetRun:
     wall_seconds: float
     worker_cpu_seconds: list[float] = field(default_factory=list)
     lost_workers: list[str] = field(default_factory=list)
+    proxy: dict[str, Any] = field(default_factory=dict)
+    """With faults: ``{"shards": the real addresses, "stats": FaultProxies.stats()}``."""
 
 
 def _progress_table(scenario: Scenario, figures: dict[int, dict[str, Any]], t: float) -> Table:
@@ -83,6 +86,7 @@ def run_fleet(
     *,
     live: bool | None = None,
     prefix: str | None = None,
+    on_start: Callable[[float], None] | None = None,
 ) -> FleetRun:
     """Run ``scenario`` against ``shards`` with ``scenario.workers`` processes.
 
@@ -93,6 +97,8 @@ def run_fleet(
         taste: the catalog's clusters.
         live: show live progress (default: when stdout is a terminal).
         prefix: device id prefix (default: a fresh one, so runs never share devices).
+        on_start: called with the run's start (``time.time()``, about 0.5 s ahead) before
+            the workers are released (the fault proxies' timeline starts there).
 
     Raises:
         RuntimeError: a worker did not get ready in time.
@@ -132,6 +138,8 @@ def run_fleet(
                     errors[w] = str(value)
         started = time.time() + _START_MARGIN_SECONDS
         start_at.value = started
+        if on_start is not None:
+            on_start(started)
         start_event.set()
         hard_end = (
             time.monotonic()

@@ -5,7 +5,9 @@ A scenario says how many devices sync how often (``sync_interval_seconds`` of si
 for how long the run lasts (``duration_seconds`` of wall time) and how fast simulated time runs
 (``time_compression``: at 60, a device's 5-minute pace becomes one sync every 5 s and an hour
 of viewing passes in a minute). ``phases`` multiply the fleet's sync rate for a while (the
-``burst`` scenario's prime time).
+``burst`` scenario's prime time). ``faults`` are windows of the run where a loopback TCP proxy
+between the devices and the shards adds latency, resets connections or cuts them
+(`omega_simulator.fleet_proxy`).
 """
 
 from __future__ import annotations
@@ -14,13 +16,22 @@ import itertools
 import tomllib
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-__all__ = ["BUILTIN_SCENARIOS", "Phase", "Scenario", "ScenarioError", "load_scenario"]
+__all__ = [
+    "BUILTIN_SCENARIOS",
+    "FAULT_KINDS",
+    "Fault",
+    "Phase",
+    "Scenario",
+    "ScenarioError",
+    "load_scenario",
+]
 
 BUILTIN_SCENARIOS = ("light", "medium", "heavy", "burst")
+FAULT_KINDS = ("latency", "reset", "cut")
 
 
 class ScenarioError(ValueError):
@@ -37,6 +48,82 @@ class Phase(BaseModel):
     rate_multiplier: float = Field(
         gt=0, le=1000, description="Sync rate relative to the base pace."
     )
+
+
+class Fault(BaseModel):
+    """A window of the run where the fault proxy misbehaves.
+
+    Kinds and their parameters:
+
+    - ``latency``: every byte is held ``up_ms`` on its way to the shard and ``down_ms`` on
+      its way back (per direction, on top of the network's own).
+    - ``reset``: at the window's start, a ``fraction`` of the open connections is reset
+      (TCP RST); during the window, each new connection is reset with that probability as
+      soon as it is accepted. ``fraction = 1``: every connection during the whole window.
+    - ``cut``: the shard is unreachable for the window. ``mode = "refuse"``: open connections
+      are reset and new ones reset on accept (the client sees UNAVAILABLE at once);
+      ``mode = "blackhole"``: nothing is forwarded in either direction (new connections are
+      held, bytes wait) until the window ends, so calls run into their deadline.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["latency", "reset", "cut"] = Field(description="What goes wrong.")
+    start_seconds: float = Field(ge=0, description="Start, in wall seconds from the run's start.")
+    duration_seconds: float = Field(gt=0, le=86_400, description="Length, in wall seconds.")
+    shard: str | None = Field(None, description="Shard id it applies to (default: every shard).")
+    up_ms: float | None = Field(
+        None, ge=0, le=60_000, description="latency: added delay towards the shard, ms."
+    )
+    down_ms: float | None = Field(
+        None, ge=0, le=60_000, description="latency: added delay towards the device, ms."
+    )
+    fraction: float | None = Field(
+        None, gt=0, le=1, description="reset: share of connections reset."
+    )
+    mode: Literal["refuse", "blackhole"] | None = Field(
+        None, description="cut: refuse (reset) or black-hole the connections."
+    )
+
+    @model_validator(mode="after")
+    def _parameters_of_kind(self) -> Fault:
+        allowed = {"latency": {"up_ms", "down_ms"}, "reset": {"fraction"}, "cut": {"mode"}}
+        given = {
+            n for n in ("up_ms", "down_ms", "fraction", "mode") if getattr(self, n) is not None
+        }
+        extra = given - allowed[self.kind]
+        if extra:
+            raise ValueError(f"a {self.kind} fault takes no {', '.join(sorted(extra))}")
+        if self.kind == "latency" and not (self.up_ms or self.down_ms):
+            raise ValueError("a latency fault needs up_ms or down_ms above 0")
+        if self.kind == "reset" and self.fraction is None:
+            raise ValueError("a reset fault needs a fraction in (0, 1]")
+        return self
+
+    @property
+    def end_seconds(self) -> float:
+        """End of the window, in wall seconds from the run's start."""
+        return self.start_seconds + self.duration_seconds
+
+    @property
+    def cut_mode(self) -> str:
+        """A cut's mode (``refuse`` unless given)."""
+        return self.mode or "refuse"
+
+    def active(self, t: float) -> bool:
+        """Whether the window covers wall second ``t`` of the run."""
+        return self.start_seconds <= t < self.end_seconds
+
+    def label(self) -> str:
+        """A short description, e.g. ``cut (refuse) 5-7 s``."""
+        if self.kind == "latency":
+            what = f"latency +{self.up_ms or 0:g}/+{self.down_ms or 0:g} ms"
+        elif self.kind == "reset":
+            what = f"reset {100 * (self.fraction or 0):g}%"
+        else:
+            what = f"cut ({self.cut_mode})"
+        where = f" on {self.shard}" if self.shard else ""
+        return f"{what}{where} {self.start_seconds:g}-{self.end_seconds:g} s"
 
 
 class Scenario(BaseModel):
@@ -75,6 +162,9 @@ class Scenario(BaseModel):
         32, ge=1, le=4096, description="Clusters the catalog is split into (k-means)."
     )
     phases: tuple[Phase, ...] = Field((), description="Rate multipliers over parts of the run.")
+    faults: tuple[Fault, ...] = Field(
+        (), description="Fault windows of the proxy between the devices and the shards."
+    )
 
     @model_validator(mode="after")
     def _phases_inside_run(self) -> Scenario:
@@ -90,6 +180,19 @@ class Scenario(BaseModel):
                 raise ValueError(
                     f"a phase starts at {p.start_seconds:g} s, after the run's end "
                     f"({self.duration_seconds:g} s)"
+                )
+        for f in self.faults:
+            if f.start_seconds >= self.duration_seconds:
+                raise ValueError(
+                    f"a {f.kind} fault starts at {f.start_seconds:g} s, after the run's end "
+                    f"({self.duration_seconds:g} s)"
+                )
+        cuts = sorted((f for f in self.faults if f.kind == "cut"), key=lambda f: f.start_seconds)
+        for c, d in itertools.pairwise(cuts):
+            if d.start_seconds < c.end_seconds and (c.shard is None or d.shard in (None, c.shard)):
+                raise ValueError(
+                    f"cut faults overlap on the same shard: the one starting at "
+                    f"{c.start_seconds:g} s and the one starting at {d.start_seconds:g} s"
                 )
         return self
 

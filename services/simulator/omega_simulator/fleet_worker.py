@@ -46,6 +46,11 @@ _CHANNEL_OPTIONS = [
     # Each channel its own TCP connection, so several server processes on one port
     # (SO_REUSEPORT) each get some of them.
     ("grpc.use_local_subchannel_pool", 1),
+    # Reconnect within a second after a connection is lost (gRPC's default backoff grows to
+    # 120 s): after a fault window the run measures the shard again, not the client's backoff.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
 
