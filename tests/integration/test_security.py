@@ -386,3 +386,23 @@ async def test_publish_round_is_bounded_even_for_the_worker(
             federation_pb2.PublishRoundRequest(round=1, patterns=[pattern(5)])
         )
         assert ok.global_version == 1 and shard.service.global_view.version == 1
+
+
+async def test_a_shard_added_late_takes_the_fleets_round_then_steps(
+    start_shard: StartShard, database_url: str
+) -> None:
+    # A shard added when the fleet is at round 5,000 (max_round_step 1,000) takes that round;
+    # from there the step bound holds; an absurd first round is still refused.
+    shard = await start_shard(database_url=database_url, max_round_step=1_000)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{shard.federation_port}") as channel:
+        federation = federation_pb2_grpc.FederationStub(channel)
+        assert await _code(
+            federation.PublishRound(federation_pb2.PublishRoundRequest(round=2**53 + 1))
+        ) == (grpc.StatusCode.INVALID_ARGUMENT)
+        first = await federation.PublishRound(federation_pb2.PublishRoundRequest(round=5_000))
+        assert first.global_version == 5_000 and not first.duplicate
+        assert await _code(
+            federation.PublishRound(federation_pb2.PublishRoundRequest(round=7_000))
+        ) == (grpc.StatusCode.INVALID_ARGUMENT)
+        step = await federation.PublishRound(federation_pb2.PublishRoundRequest(round=5_001))
+        assert step.global_version == 5_001

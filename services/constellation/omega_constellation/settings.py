@@ -83,7 +83,8 @@ class ConstellationSettings(ServiceSettings):
         le=2**62,
         description="Most a published round may advance the shard's global version; a bigger "
         "jump is refused (INVALID_ARGUMENT), so one bad PublishRound cannot make every later "
-        "legitimate round a duplicate.",
+        "legitimate round a duplicate. A shard without rounds yet (new, or restored empty) "
+        "takes any first round up to 2^53.",
     )
     min_published_sources: int = Field(
         1_000,

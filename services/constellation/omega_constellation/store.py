@@ -30,6 +30,7 @@ from omega_constellation.converters import (
 from omega_constellation.global_selection import SyncAnswerFilter
 
 __all__ = [
+    "MAX_FIRST_ROUND",
     "CatalogRow",
     "ExportRow",
     "ExportedUpdateRow",
@@ -43,6 +44,12 @@ _CATALOG_VERSION = "catalog_version"
 _CATALOG_DIGEST = "catalog_digest"
 _MODEL_VERSION = "model_version"
 _MODEL_FACTORS = "model_factors"
+
+
+MAX_FIRST_ROUND = 2**53
+"""The largest first round a shard without rounds accepts (a shard added when the fleet is at
+round 1,500 takes round 1,500): exact in a double, and far beyond any real round count, so a
+bad first round still cannot make every later round a duplicate."""
 
 
 def device_key(device_id: str) -> str:
@@ -563,7 +570,8 @@ class ShardStore:
 
         Raises:
             InvalidArgumentError: the round is more than ``max_round_step`` past the current
-                global version (nothing written).
+                global version, or, on a shard without rounds yet, above `MAX_FIRST_ROUND`
+                (nothing written).
         """
         round_id, patterns, trending = published.round, published.patterns, published.trending
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
@@ -571,7 +579,14 @@ class ShardStore:
             current = await self._global_version(conn)
             if round_id <= current:
                 return current, 0, True
-            if round_id - current > max_round_step:
+            if current == 0 and round_id > MAX_FIRST_ROUND:
+                raise InvalidArgumentError(
+                    f"round {round_id} is above {MAX_FIRST_ROUND}, the most a shard's first"
+                    " round may be"
+                )
+            if current > 0 and round_id - current > max_round_step:
+                # A shard that never had a round (new, or restored empty) takes the worker's
+                # current round, however far the fleet is; after that, rounds step.
                 raise InvalidArgumentError(
                     f"round {round_id} is more than {max_round_step} past the current version"
                     f" {current}"
