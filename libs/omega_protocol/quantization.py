@@ -47,6 +47,9 @@ class EmbeddingError(ValueError):
     """An embedding with the wrong dimension, a bad encoding, or non-finite values."""
 
 
+_MIN_PEAK = np.float32(np.finfo(np.float32).tiny) * np.float32(127.0)
+
+
 def quantize_int8(
     vectors: npt.ArrayLike,
 ) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.float32]]:
@@ -57,7 +60,9 @@ def quantize_int8(
 
     Returns:
         ``(codes, scales)``: codes (n, d) int8 in [-127, 127] and scales (n,) float32 with
-        ``vectors ~= codes * scales[:, None]`` (for a 1-d input, shapes (d,) and ()).
+        ``vectors ~= codes * scales[:, None]`` (for a 1-d input, shapes (d,) and ()); a
+        vector whose largest magnitude is below 127 x float32's smallest normal number
+        (about 1.5e-36) gets zero codes and scale 0.
 
     Raises:
         EmbeddingError: when a value is NaN or infinite.
@@ -66,7 +71,9 @@ def quantize_int8(
     if not np.all(np.isfinite(x)):
         raise EmbeddingError("embedding has NaN or infinite values")
     peak = np.max(np.abs(x), axis=-1, keepdims=True)
-    scales = (peak / 127.0).astype(np.float32)
+    # A step below float32's smallest normal number would be subnormal (imprecise, or 0):
+    # such vectors (peak < 1.5e-36, never an embedding) quantize to zero codes and scale 0.
+    scales = np.where(peak >= _MIN_PEAK, peak / 127.0, 0.0).astype(np.float32)
     safe = np.where(scales > 0, scales, np.float32(1.0))
     codes = np.clip(np.rint(x / safe), -127, 127).astype(np.int8)
     return codes, scales[..., 0]

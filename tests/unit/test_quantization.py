@@ -28,7 +28,9 @@ def test_int8_error_bounded_by_half_a_step(x: np.ndarray) -> None:
     codes, scales = quantize_int8(x)
     assert codes.dtype == np.int8 and np.all(np.abs(codes.astype(int)) <= 127)
     error = np.abs(dequantize_int8(codes, scales) - x)
-    assert np.all(error <= scales[:, None] / 2 + 1e-6 * np.abs(x).max())
+    # Vectors in float32's subnormal range quantize to zero (see quantize_int8).
+    tiny = 127 * float(np.finfo(np.float32).tiny)
+    assert np.all(error <= scales[:, None] / 2 + 1e-6 * np.abs(x).max() + tiny)
 
 
 def test_int8_keeps_cosine_of_unit_vectors() -> None:
