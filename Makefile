@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PROTO_FILES := $(wildcard proto/omega/v1/*.proto)
 PROTO_OUT := libs/omega_protocol
 
-.PHONY: help setup run data test test-unit test-integration chaos lint format typecheck proto proto-check bench bench-sync bench-brain bench-federation bench-quality bench-recommend fuzz deploy-secrets deploy-check prometheus-live clean
+.PHONY: help setup run data test test-unit test-integration chaos lint format typecheck proto proto-check bench bench-sync bench-brain bench-federation bench-quality bench-recommend bench-fleet fuzz deploy-secrets deploy-check prometheus-live clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -66,6 +66,9 @@ bench-federation: $(STAMP) ## The federation worker at 10K/100K/1M patterns: agg
 
 bench-recommend: $(STAMP) ## recommend() p50/p99 at 100K items with the collaborative model vs without, one core
 	$(PY) bench/recommend_latency.py
+
+bench-fleet: $(STAMP) ## The largest fleet one shard on this machine sustains at one sync / 5 min with p99 < 200 ms: open-loop steps, doubling then bisecting; CPU by simulator, shard, Postgres (about 5 min)
+	$(PY) -m bench.fleet_capacity
 
 bench-quality: $(STAMP) ## Tune federated CF on a validation split; hold-out quality vs epsilon (JSON + PNG in reports/collaborative)
 	$(PY) bench/collaborative_quality.py --out reports/collaborative

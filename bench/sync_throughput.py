@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
-import os
 import subprocess
 import sys
 import tempfile
@@ -41,35 +40,10 @@ import grpc
 import numpy as np
 
 from bench.echo_server import serve_echo
+from bench.procstat import cpu_between, postgres_snapshot, snapshot
 from bench.report import DEFAULT_JSON, format_table, machine, write_section
 from bench.sync_load import SYNC_METHOD, LoadResult, request_bytes, run_worker, template_request
 from tools.fuzz.shard import ShardProcess, admin_dsn, free_port
-
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_seconds(pid: int) -> float:
-    """utime + stime of one process (all its threads), in seconds; 0 if it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / _TICK
-
-
-def _postgres_cpu_seconds() -> float:
-    """CPU seconds of every process named postgres (server, backends, WAL writer, ...)."""
-    total = 0.0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if (entry / "comm").read_text().strip() != "postgres":
-                continue
-        except OSError:
-            continue
-        total += _cpu_seconds(int(entry.name))
-    return total
 
 
 @dataclass
@@ -146,7 +120,7 @@ class Runner:
         else:
             needed = int(per_worker * seconds) + 10
         prefix = f"bench-{uuid.uuid4().hex[:8]}"
-        server0, pg0 = self._server_cpu(), _postgres_cpu_seconds()
+        server0, pg0 = snapshot(self._pids), postgres_snapshot()
         futures = [
             self._pool.submit(
                 run_worker,
@@ -171,13 +145,10 @@ class Runner:
             merged.sent += p.sent
             merged.cpu_seconds += p.cpu_seconds
             merged.elapsed_seconds = max(merged.elapsed_seconds, p.elapsed_seconds)
-        server = self._server_cpu() - server0
-        postgres = _postgres_cpu_seconds() - pg0
+        server = cpu_between(server0, snapshot(self._pids))
+        postgres = cpu_between(pg0, postgres_snapshot())
         offered = f"{amount:.0f} in flight" if kind == "closed" else f"{amount:.0f}/s open"
         return Phase(label, offered, merged, server, postgres)
-
-    def _server_cpu(self) -> float:
-        return sum(_cpu_seconds(pid) for pid in self._pids)
 
 
 def _measure(

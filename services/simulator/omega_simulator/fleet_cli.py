@@ -5,18 +5,21 @@ target (``--target`` shards, or ``--local``: a local stack of its own with TLS a
 credentials), the catalog's structure (``--catalog`` file, the local stack's catalog, or
 ``FetchEmbeddings`` from the first shard), runs the fleet and writes the report folder. A
 scenario with ``faults`` puts a loopback fault proxy (`omega_simulator.fleet_proxy`) between the
-devices and every shard.
+devices and every shard; its ``kill`` faults (``--local`` only) SIGKILL and restart a shard
+replica of the local stack (`omega_simulator.fleet_kill`).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from rich.console import Console
@@ -30,6 +33,7 @@ from omega_simulator.fleet_catalog import (
     synthetic_catalog,
     write_catalog_npz,
 )
+from omega_simulator.fleet_kill import ReplicaKills
 from omega_simulator.fleet_proxy import FaultProxies
 from omega_simulator.fleet_report import (
     compare_markdown,
@@ -39,6 +43,9 @@ from omega_simulator.fleet_report import (
 )
 from omega_simulator.fleet_run import run_fleet
 from omega_simulator.fleet_scenario import BUILTIN_SCENARIOS, ScenarioError, load_scenario
+
+if TYPE_CHECKING:
+    from omega_simulator.stack import LocalStack
 
 __all__ = ["add_compare_arguments", "add_fleet_arguments", "compare_main", "fleet_main"]
 
@@ -71,6 +78,12 @@ def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
         help="start a local stack (Postgres: OMEGA_DATABASE_URL or embedded) and load it",
     )
     parser.add_argument("--shards", type=int, default=1, help="--local: shards to start")
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="--local: replica processes per shard, sharing its port and database",
+    )
     parser.add_argument("--plaintext", action="store_true", help="--target: no TLS")
     parser.add_argument("--tls-ca", type=Path, help="--target: PEM CA of the shards")
     parser.add_argument(
@@ -122,7 +135,7 @@ def _fetch_taste(address: str, access: FleetAccess, clusters: int, seed: int) ->
 
 
 @contextlib.contextmanager
-def _local_stack(shards: int, work: Path) -> Iterator[tuple[dict[str, str], FleetAccess, Path]]:
+def _local_stack(shards: int, work: Path, replicas: int = 1) -> Iterator[LocalStack]:
     from omega_simulator.stack import LocalStack  # Postgres and process management
 
     catalog = work / "catalog.npz"
@@ -131,6 +144,9 @@ def _local_stack(shards: int, work: Path) -> Iterator[tuple[dict[str, str], Flee
     stack = LocalStack(
         work,
         shards,
+        replicas=replicas,
+        # its own databases, dropped after the run: the report is what the run leaves
+        database_prefix=f"omega_fleet_{os.getpid()}",
         env={
             "OMEGA_CONSTELLATION_LOG_LEVEL": "WARNING",
             # Time compression makes a device sync far more often than a real one ever does
@@ -138,8 +154,11 @@ def _local_stack(shards: int, work: Path) -> Iterator[tuple[dict[str, str], Flee
             "OMEGA_CONSTELLATION_DEVICE_RATE_PER_SECOND": "0",
         },
     )
-    with stack.running(catalog, 1000):
-        yield stack.shards, stack.access, catalog
+    try:
+        with stack.running(catalog, 1000):
+            yield stack
+    finally:
+        stack.drop_databases()
 
 
 def fleet_main(args: argparse.Namespace) -> int:
@@ -158,12 +177,29 @@ def fleet_main(args: argparse.Namespace) -> int:
     output: Path = args.output or Path("reports") / "fleet" / (
         f"{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
+    if scenario.kill_faults and not args.local:
+        print(
+            "omega-simulator fleet: kill faults need --local (a stack of its own)", file=sys.stderr
+        )
+        return 2
+    if any((f.replica or 0) >= args.replicas for f in scenario.kill_faults):
+        print(
+            f"omega-simulator fleet: a kill fault names a replica beyond "
+            f"--replicas {args.replicas}",
+            file=sys.stderr,
+        )
+        return 2
     with contextlib.ExitStack() as stack:
+        local: LocalStack | None = None
         if args.local:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="omega-fleet-")))
-            print(f"starting a local stack ({args.shards} shard(s)) in {work} ...")
-            shards, access, catalog_path = stack.enter_context(_local_stack(args.shards, work))
-            catalog: Path | None = args.catalog or catalog_path
+            print(
+                f"starting a local stack ({args.shards} shard(s) x {args.replicas} "
+                f"replica(s)) in {work} ..."
+            )
+            local = stack.enter_context(_local_stack(args.shards, work, args.replicas))
+            shards, access = local.shards, local.access
+            catalog: Path | None = args.catalog or work / "catalog.npz"
         else:
             try:
                 shards = _parse_targets(args.target)
@@ -190,16 +226,27 @@ def fleet_main(args: argparse.Namespace) -> int:
             )
             return 2
         proxies: FaultProxies | None = None
+        kills: ReplicaKills | None = None
         targets = shards
-        if scenario.faults:
-            proxies = FaultProxies(shards, scenario.faults, scenario.seed)
+        if scenario.proxy_faults:
+            proxies = FaultProxies(shards, scenario.proxy_faults, scenario.seed)
             targets = stack.enter_context(proxies.running())
             print(
                 "fault proxy: "
                 + ", ".join(f"{k} {targets[k]} -> {v}" for k, v in shards.items())
                 + "; "
-                + "; ".join(f.label() for f in scenario.faults)
+                + "; ".join(f.label() for f in scenario.proxy_faults)
             )
+        if scenario.kill_faults and local is not None:
+            kills = ReplicaKills(local, scenario.kill_faults, shards)
+            stack.callback(kills.stop)  # before the local stack stops
+            print("replica kills: " + "; ".join(f.label() for f in scenario.kill_faults))
+
+        def on_start(origin: float) -> None:
+            for timeline in (proxies, kills):
+                if timeline is not None:
+                    timeline.begin(origin)
+
         print(
             f"fleet {scenario.name}: {scenario.devices:,} devices, "
             f"{scenario.base_rate_per_second:,.1f} syncs/s scheduled, "
@@ -211,11 +258,14 @@ def fleet_main(args: argparse.Namespace) -> int:
             access,
             taste,
             live=args.live,
-            on_start=None if proxies is None else proxies.begin,
+            on_start=on_start,
         )
         if proxies is not None:
             proxies.stop()
             run.proxy = {"shards": shards, "stats": proxies.stats()}
+        if kills is not None:
+            kills.stop()
+            run.kills = kills.events()
     report = write_report(run, output)
     f = report["figures"]
     lat = f["latency_ms"]

@@ -182,7 +182,11 @@ def build_report(run: FleetRun) -> dict[str, Any]:
             ],
         },
         "histograms": {"latency_us": bytes(rec.latency.encode()).decode("ascii")},
-        "faults": ({**fault_figures(rec, sc.faults, n), "proxy": run.proxy} if sc.faults else None),
+        "faults": (
+            {**fault_figures(rec, sc.faults, n), "proxy": run.proxy, "kills": run.kills}
+            if sc.faults
+            else None
+        ),
     }
 
 
@@ -264,12 +268,18 @@ def _faults_markdown(faults: dict[str, Any]) -> list[str]:
 
     proxy = faults.get("proxy") or {}
     stats = proxy.get("stats", {})
+    kills: list[dict[str, Any]] = faults.get("kills") or []
+    where = (
+        "A loopback TCP proxy sat between the devices and "
+        + (", ".join(f"{k}={v}" for k, v in proxy.get("shards", {}).items()) or "the shards")
+        + ". "
+        if proxy
+        else ""
+    )
     lines = [
         "## Faults",
         "",
-        "A loopback TCP proxy sat between the devices and "
-        + (", ".join(f"{k}={v}" for k, v in proxy.get("shards", {}).items()) or "the shards")
-        + ". Syncs are placed by their scheduled time, in series windows; a fault's figures "
+        where + "Syncs are placed by their scheduled time, in series windows; a fault's figures "
         "cover the windows it overlaps, *outside* every other window of the run.",
         "",
         "| fault | windows (s) | scheduled inside | failed inside | errors inside "
@@ -301,10 +311,29 @@ def _faults_markdown(faults: dict[str, Any]) -> list[str]:
         lines.append(f"Proxy of {shard_id}: {st['connections']} connections accepted; {per}.")
     if stats:
         lines.append("")
+    for k in kills:
+        if k["error"] or k["serving_at_seconds"] is None:
+            why = k["error"] or "not played to its end (the run ended first)"
+            lines.append(f"Replica {k['replica']} of {k['shard']} ({k['label']}): {why}.")
+            continue
+        serving = k["serving_at_seconds"]
+        lines.append(
+            f"Replica {k['replica']} of {k['shard']} ({k['label']}): SIGKILL (pid "
+            f"{k['killed_pid']}) at {k['killed_at_seconds']:g} s, restarted at "
+            f"{k['restarted_at_seconds']:g} s, SERVING again at {serving:g} s "
+            f"(down {serving - k['killed_at_seconds']:.1f} s)."
+        )
+    if kills:
+        lines.append("")
     return lines
 
 
-_FAULT_COLOURS = {"cut": "tab:red", "reset": "tab:orange", "latency": "tab:purple"}
+_FAULT_COLOURS = {
+    "cut": "tab:red",
+    "reset": "tab:orange",
+    "latency": "tab:purple",
+    "kill": "tab:brown",
+}
 
 
 def _mark_faults(ax: Any, report: dict[str, Any]) -> None:

@@ -59,6 +59,8 @@ class FleetRun:
     lost_workers: list[str] = field(default_factory=list)
     proxy: dict[str, Any] = field(default_factory=dict)
     """With faults: ``{"shards": the real addresses, "stats": FaultProxies.stats()}``."""
+    kills: list[dict[str, Any]] = field(default_factory=list)
+    """With ``kill`` faults: `omega_simulator.fleet_kill.ReplicaKills.events`."""
 
 
 def _progress_table(scenario: Scenario, figures: dict[int, dict[str, Any]], t: float) -> Table:

@@ -7,7 +7,8 @@ for how long the run lasts (``duration_seconds`` of wall time) and how fast simu
 of viewing passes in a minute). ``phases`` multiply the fleet's sync rate for a while (the
 ``burst`` scenario's prime time). ``faults`` are windows of the run where a loopback TCP proxy
 between the devices and the shards adds latency, resets connections or cuts them
-(`omega_simulator.fleet_proxy`).
+(`omega_simulator.fleet_proxy`), or (``kill``, local stacks only) where a shard replica is
+SIGKILLed and then restarted (`omega_simulator.fleet_kill`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 __all__ = [
     "BUILTIN_SCENARIOS",
     "FAULT_KINDS",
+    "PROXY_FAULT_KINDS",
     "Fault",
     "Phase",
     "Scenario",
@@ -31,7 +33,8 @@ __all__ = [
 ]
 
 BUILTIN_SCENARIOS = ("light", "medium", "heavy", "burst")
-FAULT_KINDS = ("latency", "reset", "cut")
+FAULT_KINDS = ("latency", "reset", "cut", "kill")
+PROXY_FAULT_KINDS = ("latency", "reset", "cut")
 
 
 class ScenarioError(ValueError):
@@ -51,7 +54,7 @@ class Phase(BaseModel):
 
 
 class Fault(BaseModel):
-    """A window of the run where the fault proxy misbehaves.
+    """A window of the run where the fault proxy misbehaves or a replica is down.
 
     Kinds and their parameters:
 
@@ -64,11 +67,14 @@ class Fault(BaseModel):
       are reset and new ones reset on accept (the client sees UNAVAILABLE at once);
       ``mode = "blackhole"``: nothing is forwarded in either direction (new connections are
       held, bytes wait) until the window ends, so calls run into their deadline.
+    - ``kill`` (``--local`` only): replica ``replica`` (default 0) of the shard (of every
+      shard without ``shard``) is SIGKILLed at the window's start and started again, same
+      settings, database and port, at its end; the run's report gives when it answered again.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["latency", "reset", "cut"] = Field(description="What goes wrong.")
+    kind: Literal["latency", "reset", "cut", "kill"] = Field(description="What goes wrong.")
     start_seconds: float = Field(ge=0, description="Start, in wall seconds from the run's start.")
     duration_seconds: float = Field(gt=0, le=86_400, description="Length, in wall seconds.")
     shard: str | None = Field(None, description="Shard id it applies to (default: every shard).")
@@ -84,12 +90,22 @@ class Fault(BaseModel):
     mode: Literal["refuse", "blackhole"] | None = Field(
         None, description="cut: refuse (reset) or black-hole the connections."
     )
+    replica: int | None = Field(
+        None, ge=0, le=63, description="kill: which replica of the shard (default 0)."
+    )
 
     @model_validator(mode="after")
     def _parameters_of_kind(self) -> Fault:
-        allowed = {"latency": {"up_ms", "down_ms"}, "reset": {"fraction"}, "cut": {"mode"}}
+        allowed = {
+            "latency": {"up_ms", "down_ms"},
+            "reset": {"fraction"},
+            "cut": {"mode"},
+            "kill": {"replica"},
+        }
         given = {
-            n for n in ("up_ms", "down_ms", "fraction", "mode") if getattr(self, n) is not None
+            n
+            for n in ("up_ms", "down_ms", "fraction", "mode", "replica")
+            if getattr(self, n) is not None
         }
         extra = given - allowed[self.kind]
         if extra:
@@ -120,6 +136,8 @@ class Fault(BaseModel):
             what = f"latency +{self.up_ms or 0:g}/+{self.down_ms or 0:g} ms"
         elif self.kind == "reset":
             what = f"reset {100 * (self.fraction or 0):g}%"
+        elif self.kind == "kill":
+            what = f"kill replica {self.replica or 0}"
         else:
             what = f"cut ({self.cut_mode})"
         where = f" on {self.shard}" if self.shard else ""
@@ -194,7 +212,27 @@ class Scenario(BaseModel):
                     f"cut faults overlap on the same shard: the one starting at "
                     f"{c.start_seconds:g} s and the one starting at {d.start_seconds:g} s"
                 )
+        kills = sorted((f for f in self.faults if f.kind == "kill"), key=lambda f: f.start_seconds)
+        for c, d in itertools.combinations(kills, 2):
+            same = (c.replica or 0) == (d.replica or 0) and (
+                c.shard is None or d.shard in (None, c.shard)
+            )
+            if same and d.start_seconds < c.end_seconds:
+                raise ValueError(
+                    f"kill faults overlap on the same replica: the one starting at "
+                    f"{c.start_seconds:g} s and the one starting at {d.start_seconds:g} s"
+                )
         return self
+
+    @property
+    def proxy_faults(self) -> tuple[Fault, ...]:
+        """The faults the loopback proxy plays (every kind but ``kill``)."""
+        return tuple(f for f in self.faults if f.kind in PROXY_FAULT_KINDS)
+
+    @property
+    def kill_faults(self) -> tuple[Fault, ...]:
+        """The replica kills (``--local`` runs only)."""
+        return tuple(f for f in self.faults if f.kind == "kill")
 
     @property
     def interval_wall_seconds(self) -> float:

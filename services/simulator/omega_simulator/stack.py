@@ -8,6 +8,12 @@ Security is on as in production: a development PKI (`omega_common.tls.dev_pki`) 
 shards TLS certificates and the worker a client certificate (mutual TLS on the shards'
 internal federation listener); fresh fleet keys sign every device's token and the worker's
 service token.
+
+A shard can run several replicas (``replicas``) on one device port and one federation port
+(the servers set ``SO_REUSEPORT``, so the kernel spreads new connections over the live ones),
+each with a plaintext health probe of its own; `kill_shard` SIGKILLs a replica and
+`restart_shard` starts it again with the same settings, database and ports (the fleet's
+``kill`` fault).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -92,10 +98,24 @@ class _Proc:
     name: str
     process: subprocess.Popen[bytes]
     log: Path
+    argv: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    probe: str | None = None
+    """``127.0.0.1:port`` of the replica's own plaintext health probe (several replicas)."""
 
 
 class LocalStack:
-    """Starts and stops the processes of one local run."""
+    """Starts and stops the processes of one local run.
+
+    Args:
+        work_dir: PKI, fleet keys and the processes' logs go here.
+        shard_count: shards to start.
+        env: variables added to every process's environment.
+        min_sources: k-anonymity threshold of the worker and the shards.
+        replicas: processes per shard, all on the shard's ports and database.
+        database_prefix: the run's databases are ``<prefix>_shard_<i>`` and
+            ``<prefix>_federation`` (dropped and created again by `start`).
+    """
 
     def __init__(
         self,
@@ -104,9 +124,15 @@ class LocalStack:
         *,
         env: dict[str, str] | None = None,
         min_sources: int = 1000,
+        replicas: int = 1,
+        database_prefix: str = "omega_run",
     ):
+        if replicas < 1:
+            raise ValueError("a shard needs at least one replica")
         self.work_dir = work_dir
         self.shard_count = shard_count
+        self.replicas = replicas
+        self.database_prefix = database_prefix
         self.shards: dict[str, str] = {}
         self.federation_listeners: dict[str, str] = {}
         self.federation_dsn = ""
@@ -146,7 +172,8 @@ class LocalStack:
             RuntimeError: a shard did not become healthy within 60 s (its log is named).
         """
         self._admin_dsn = self._postgres()
-        names = [f"omega_run_shard_{i}" for i in range(self.shard_count)] + ["omega_run_federation"]
+        prefix = self.database_prefix
+        names = [f"{prefix}_shard_{i}" for i in range(self.shard_count)] + [f"{prefix}_federation"]
 
         async def fresh() -> None:
             for name in names:
@@ -155,7 +182,7 @@ class LocalStack:
 
         asyncio.run(fresh())
         self._dbs = names
-        self.federation_dsn = with_database(self._admin_dsn, "omega_run_federation")
+        self.federation_dsn = with_database(self._admin_dsn, f"{prefix}_federation")
         shard_ids = [f"shard-{i}" for i in range(self.shard_count)]
         for i, shard_id in enumerate(shard_ids):
             port, federation_port = free_port(), free_port()
@@ -172,15 +199,95 @@ class LocalStack:
                 "OMEGA_CONSTELLATION_DATABASE_URL": with_database(self._admin_dsn, names[i]),
                 "OMEGA_CONSTELLATION_CATALOG_PATH": str(catalog_path),
                 "OMEGA_CONSTELLATION_EXPORT_SETTLE_MS": str(export_settle_ms),
-                "OMEGA_CONSTELLATION_METRICS_PORT": str(free_port()),
             }
-            self._spawn(shard_id, [sys.executable, "-m", "omega_constellation", "serve"], env)
+            argv = [sys.executable, "-m", "omega_constellation", "serve"]
+            for name in self.replica_names(shard_id):
+                probe: str | None = None
+                own = {"OMEGA_CONSTELLATION_METRICS_PORT": str(free_port())}
+                if self.replicas > 1:
+                    probe_port = free_port()
+                    own["OMEGA_CONSTELLATION_PROBE_PORT"] = str(probe_port)
+                    probe = f"127.0.0.1:{probe_port}"
+                self._spawn(name, argv, {**env, **own}, probe)
             self.shards[shard_id] = f"127.0.0.1:{port}"
             self.federation_listeners[shard_id] = f"127.0.0.1:{federation_port}"
-        for shard_id, address in self.shards.items():
-            self._wait_healthy(shard_id, address)
+        for shard_id in self.shards:
+            for name in self.replica_names(shard_id):
+                self._wait_healthy(name)
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+    def replica_names(self, shard_id: str) -> list[str]:
+        """The process names of a shard's replicas (the shard id itself with one replica)."""
+        if self.replicas == 1:
+            return [shard_id]
+        return [f"{shard_id}-r{r}" for r in range(self.replicas)]
+
+    def _replica(self, shard_id: str, replica: int) -> _Proc:
+        if shard_id not in self.shards:
+            raise KeyError(f"no shard {shard_id!r} (shards: {sorted(self.shards)})")
+        if not 0 <= replica < self.replicas:
+            raise IndexError(f"{shard_id} has replicas 0-{self.replicas - 1}, not {replica}")
+        name = self.replica_names(shard_id)[replica]
+        return next(p for p in self._procs if p.name == name)
+
+    def kill_shard(self, shard_id: str, replica: int = 0) -> int:
+        """SIGKILL one replica of a shard (no drain: in-flight syncs and their transactions
+        are cut) and reap it; the other replicas keep answering on the shard's port.
+
+        Returns:
+            The killed process's pid.
+
+        Raises:
+            KeyError, IndexError: no such shard or replica.
+        """
+        proc = self._replica(shard_id, replica)
+        if proc.process.poll() is None:
+            proc.process.send_signal(signal.SIGKILL)
+            proc.process.wait(timeout=30)
+        return proc.process.pid
+
+    def restart_shard(self, shard_id: str, replica: int = 0, *, wait: bool = True) -> int:
+        """Start a killed (or stopped) replica again: same settings, database and ports.
+
+        Args:
+            shard_id: the shard.
+            replica: which of its replicas.
+            wait: block until it answers SERVING.
+
+        Returns:
+            The new process's pid.
+
+        Raises:
+            KeyError, IndexError: no such shard or replica.
+            RuntimeError: it is still running, or did not become healthy within 60 s.
+        """
+        old = self._replica(shard_id, replica)
+        if old.process.poll() is None:
+            raise RuntimeError(f"{old.name} is still running (pid {old.process.pid})")
+        self._procs.remove(old)
+        self._spawn(old.name, old.argv, old.env, old.probe)
+        if wait:
+            self._wait_healthy(old.name)
+        return self._replica(shard_id, replica).process.pid
+
+    def pids(self) -> dict[str, int]:
+        """Process name -> pid of every process started (running or not)."""
+        return {p.name: p.process.pid for p in self._procs}
+
+    def drop_databases(self) -> None:
+        """Drop the run's databases (after `stop`; `make run` keeps them for inspection)."""
+        admin, names = self._admin_dsn, list(self._dbs)
+
+        async def drop() -> None:
+            for name in names:
+                await drop_database(admin, name)
+
+        if admin and names:
+            asyncio.run(drop())
+        self._dbs = []
+
+    def _spawn(
+        self, name: str, argv: list[str], env: dict[str, str], probe: str | None = None
+    ) -> None:
         log = self.work_dir / f"{name}.log"
         with log.open("ab") as out:
             process = subprocess.Popen(
@@ -189,12 +296,18 @@ class LocalStack:
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
-        self._procs.append(_Proc(name, process, log))
+        self._procs.append(_Proc(name, process, log, list(argv), dict(env), probe))
 
-    def _wait_healthy(self, name: str, address: str, timeout: float = 60.0) -> None:
+    def _wait_healthy(self, name: str, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         proc = next(p for p in self._procs if p.name == name)
-        with grpc.secure_channel(address, channel_credentials(self.pki.ca_cert)) as channel:
+        shard_id = str(proc.env.get("OMEGA_CONSTELLATION_SHARD_ID", name))
+        channel = (
+            grpc.insecure_channel(proc.probe)
+            if proc.probe is not None
+            else grpc.secure_channel(self.shards[shard_id], channel_credentials(self.pki.ca_cert))
+        )
+        with channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if proc.process.poll() is not None:
