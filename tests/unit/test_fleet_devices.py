@@ -8,10 +8,18 @@ import pytest
 
 from omega.v1 import patterns_pb2, sync_pb2
 from omega_brain import Brain, BrainConfig, CatalogIndex, ViewingEvent
-from omega_protocol import BUCKET_COUNT, bucket_from_timestamp, decode_embedding, decode_payload
+from omega_protocol import (
+    BUCKET_COUNT,
+    PayloadError,
+    bucket_from_timestamp,
+    decode_embedding,
+    decode_payload,
+)
 from omega_simulator.fleet_catalog import CatalogTaste, synthetic_catalog
 from omega_simulator.fleet_devices import SIM_EPOCH_MS, DeviceFleet
 from omega_simulator.fleet_measure import Recorder, latency_histogram, percentiles_ms
+from omega_simulator.fleet_scenario import Scenario
+from omega_simulator.fleet_worker import apply_churn, build_schedule
 
 EVENING_MS = SIM_EPOCH_MS + 19 * 3_600_000  # 19:00 of a Tuesday
 
@@ -186,3 +194,123 @@ def test_hdr_histograms_merge_across_workers_exactly() -> None:
     assert Recorder.from_dict(merged.to_dict()).to_dict() == merged.to_dict()
     with pytest.raises(ValueError, match="different windows"):
         Recorder(2.0, 5).merge(workers[0])
+
+
+def _fleet(catalog: tuple[list[str], np.ndarray], **kw: float) -> DeviceFleet:
+    ids, emb = catalog
+    taste = CatalogTaste.from_embeddings(ids, emb, 20, seed=0)
+    return DeviceFleet(np.arange(50, dtype=np.int64), taste, "dev", 4, views_per_day=500, **kw)
+
+
+def test_malformed_syncs_carry_garbage_or_a_contradicted_version(
+    catalog: tuple[list[str], np.ndarray],
+) -> None:
+    fleet = _fleet(catalog)
+    fleet.advance(3, EVENING_MS, 3_600_000)
+    garbage = sync_pb2.SyncPatternsRequest.FromString(fleet.malformed_request(3, EVENING_MS, 0))
+    assert garbage.device_id == fleet.device_id(3) and garbage.delta.codec == sync_pb2.CODEC_ZSTD
+    with pytest.raises(PayloadError):
+        decode_payload(garbage.delta, patterns_pb2.PatternDelta)
+    wrong = sync_pb2.SyncPatternsRequest.FromString(fleet.malformed_request(3, EVENING_MS, 1))
+    delta = decode_payload(wrong.delta, patterns_pb2.PatternDelta)
+    assert delta.added and wrong.local_version == delta.local_version + 1
+    # a device with nothing to send yet still sends a refusable (non-pull) request
+    assert (
+        sync_pb2.SyncPatternsRequest.FromString(
+            fleet.malformed_request(7, EVENING_MS, 1)
+        ).local_version
+        == 2
+    )
+    # the device's own state is untouched: its real delta is still pending
+    assert fleet.request(3, EVENING_MS)[1] == delta.local_version
+
+
+def test_factory_reset_pulls_then_numbers_past_the_shards_version(
+    catalog: tuple[list[str], np.ndarray],
+) -> None:
+    fleet = _fleet(catalog)
+    k = 1
+    fleet.advance(k, EVENING_MS, 3_600_000)
+    _, before = fleet.request(k, EVENING_MS)
+    fleet.acknowledge(k, before, sync_pb2.SyncPatternsResponse(acknowledged_version=before))
+    assert before > 0
+    fleet.factory_reset(k)
+    assert k in fleet.needs_pull
+    assert (fleet.local_version[k], fleet.acked_version[k], fleet.samples[k].sum()) == (0, 0, 0)
+    pull = sync_pb2.SyncPatternsRequest.FromString(fleet.pull_request(k))
+    assert pull.local_version == 0 and pull.delta.codec == sync_pb2.CODEC_NONE
+    empty = decode_payload(pull.delta, patterns_pb2.PatternDelta)
+    assert empty == patterns_pb2.PatternDelta()
+    fleet.advance(k, EVENING_MS + 3_600_000, 3_600_000)  # viewings of the new store
+    since_reset = int(fleet.local_version[k])
+    assert fleet.learn(k, sync_pb2.SyncPatternsResponse(acknowledged_version=before)) == before
+    assert k not in fleet.needs_pull
+    body, version = fleet.request(k, EVENING_MS + 3_600_000)
+    assert version == max(since_reset, before) + 1 > before
+    delta = decode_payload(
+        sync_pb2.SyncPatternsRequest.FromString(body).delta, patterns_pb2.PatternDelta
+    )
+    assert delta.base_version == 0 and delta.local_version == version
+    assert len(delta.added) == bin(int(fleet.changed[k])).count("1") >= 1
+    fleet.acknowledge(k, version, sync_pb2.SyncPatternsResponse(acknowledged_version=version))
+    assert fleet.acked_version[k] == version and fleet.changed[k] == 0
+
+
+def test_clock_skew_offsets_the_pattern_timestamps(
+    catalog: tuple[list[str], np.ndarray],
+) -> None:
+    assert _fleet(catalog).skew_ms is None
+    fleet = _fleet(catalog, clock_skew_seconds=600.0)
+    stamps = []
+    for k in range(len(fleet)):
+        fleet.advance(k, EVENING_MS, 3_600_000)
+        delta = decode_payload(
+            sync_pb2.SyncPatternsRequest.FromString(fleet.request(k, EVENING_MS)[0]).delta,
+            patterns_pb2.PatternDelta,
+        )
+        for p in delta.added:
+            assert p.created_at_ms == p.updated_at_ms == EVENING_MS + int(fleet.skew_ms[k])  # type: ignore[index]
+            stamps.append(p.created_at_ms - EVENING_MS)
+    assert stamps and max(abs(s) for s in stamps) <= 600_000
+    assert len(set(stamps)) > len(stamps) // 2  # each device its own offset
+
+
+def test_churn_drops_syncs_before_appearing_and_after_vanishing() -> None:
+    scenario = Scenario(
+        name="c", devices=1000, duration_seconds=20, time_compression=100, churn_fraction=0.2
+    )
+    times, device = build_schedule(scenario, 1000, np.random.default_rng(0))
+    kept_t, kept_d, appeared, vanished = apply_churn(
+        scenario, times, device, 1000, np.random.default_rng(1)
+    )
+    assert (appeared, vanished) == (100, 100)
+    assert np.all(np.diff(kept_t) >= 0)
+    full = np.bincount(device, minlength=1000)
+    kept = np.bincount(kept_d, minlength=1000)
+    assert np.count_nonzero(kept < full) >= 190  # nearly every churned device lost syncs
+    assert np.count_nonzero(kept < full) <= 200
+    assert np.count_nonzero(kept == full) >= 800
+    # vanished devices keep an early prefix, appeared ones a late suffix
+    for d in np.flatnonzero(kept < full)[:20]:
+        t_all = times[device == d]
+        t_kept = kept_t[kept_d == d]
+        assert t_kept.size == 0 or (
+            np.array_equal(t_kept, t_all[: t_kept.size])
+            or np.array_equal(t_kept, t_all[-t_kept.size :])
+        )
+    none = scenario.with_overrides(churn_fraction=0.0)
+    assert apply_churn(none, times, device, 1000, np.random.default_rng(1))[2:] == (0, 0)
+
+
+def test_refused_syncs_are_accounted_apart_and_merge() -> None:
+    rec = Recorder(1.0, 3)
+    rec.schedule([0.5, 0.5, 1.5])
+    rec.record_ok(0.5, 0.6, 100, 10, dup=False)
+    rec.record_refused(0.5, 80)
+    rec.record_failure(1.5, "UNAVAILABLE")
+    rec.device_faults.update({"malformed_sent": 1, "malformed_refused": 1})
+    merged = Recorder.from_dict(rec.to_dict())
+    merged.merge(rec.to_dict())
+    assert merged.total_refused == 2 and merged.device_faults["malformed_refused"] == 2
+    assert merged.total_ok + merged.total_failed + merged.total_refused == merged.total_scheduled
+    assert merged.bytes_up[0] == 360

@@ -111,3 +111,19 @@ def test_schedule_burst_phase_multiplies_the_rate() -> None:
     assert 150 < per_second[2:9].mean() < 250
     assert 1800 < per_second[11:19].mean() < 2200
     assert 150 < per_second[21:29].mean() < 250
+
+
+def test_device_faults_are_validated_settings(tmp_path: Path) -> None:
+    path = tmp_path / "df.toml"
+    path.write_text(
+        'name = "df"\ndevices = 10\nmalformed_fraction = 0.1\nfactory_reset_fraction = 0.2\n'
+        "clock_skew_seconds = 3600\nchurn_fraction = 0.3\n"
+    )
+    scenario = load_scenario(str(path))
+    assert scenario.device_faults
+    assert (scenario.malformed_fraction, scenario.churn_fraction) == (0.1, 0.3)
+    assert not load_scenario("light").device_faults
+    for bad in ("malformed_fraction = 1.5", "churn_fraction = -0.1", "clock_skew_seconds = -1"):
+        path.write_text(f'name = "df"\ndevices = 10\n{bad}\n')
+        with pytest.raises(ScenarioError, match=bad.split(" ")[0]):
+            load_scenario(str(path))

@@ -34,6 +34,7 @@ from omega_simulator.fleet_catalog import (
     write_catalog_npz,
 )
 from omega_simulator.fleet_kill import ReplicaKills
+from omega_simulator.fleet_metrics import FleetMetrics
 from omega_simulator.fleet_proxy import FaultProxies
 from omega_simulator.fleet_report import (
     compare_markdown,
@@ -95,6 +96,11 @@ def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", type=Path, help="run folder (default: reports/fleet/...)")
     parser.add_argument(
         "--live", action=argparse.BooleanOptionalAction, help="live progress (default: on a TTY)"
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve the run's figures as Prometheus metrics on 127.0.0.1:PORT while running",
     )
 
 
@@ -247,6 +253,12 @@ def fleet_main(args: argparse.Namespace) -> int:
                 if timeline is not None:
                     timeline.begin(origin)
 
+        metrics: FleetMetrics | None = None
+        if args.metrics_port is not None:
+            metrics = FleetMetrics(scenario.name)
+            port = metrics.start(args.metrics_port)
+            stack.callback(metrics.stop)
+            print(f"live metrics: http://127.0.0.1:{port}/metrics")
         print(
             f"fleet {scenario.name}: {scenario.devices:,} devices, "
             f"{scenario.base_rate_per_second:,.1f} syncs/s scheduled, "
@@ -259,6 +271,7 @@ def fleet_main(args: argparse.Namespace) -> int:
             taste,
             live=args.live,
             on_start=on_start,
+            metrics=metrics,
         )
         if proxies is not None:
             proxies.stop()
@@ -269,9 +282,12 @@ def fleet_main(args: argparse.Namespace) -> int:
     report = write_report(run, output)
     f = report["figures"]
     lat = f["latency_ms"]
+    refused = f["refused_as_expected"]
     print(
         f"scheduled {f['scheduled']:,}, ok {f['ok']:,}, failed {f['failed']:,} "
-        f"{report['errors'] or ''}; p50/p99/p99.9/max {lat['p50']:.1f}/{lat['p99']:.1f}/"
+        f"{report['errors'] or ''}"
+        + (f", refused as expected {refused:,}" if refused else "")
+        + f"; p50/p99/p99.9/max {lat['p50']:.1f}/{lat['p99']:.1f}/"
         f"{lat['p99_9']:.1f}/{lat['max']:.1f} ms; throughput {f['throughput_per_second']:,.1f}/s"
     )
     print(f"report written to {output}/report.md")

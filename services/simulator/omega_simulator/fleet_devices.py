@@ -17,6 +17,14 @@ of the device's favourite cluster centroids with a fixed per-device, per-bucket 
 Not modelled: the once-per-model-version `ItemFactorUpdate` (no model exists in a fresh
 fleet run) and catalog or model fetches.
 
+Device-behaviour faults (`Scenario` settings, applied by `omega_simulator.fleet_worker`):
+`malformed_request` builds a sync the shard must refuse (garbage bytes in the delta's
+payload, or a request whose local version the delta contradicts); `factory_reset` wipes a
+device's store, after which `needs_pull` devices send `pull_request` (version 0, empty delta)
+and `learn` numbers their new changes past the acknowledged version, as
+`SyncClient._learn_server_version` does; ``clock_skew_seconds`` gives each device a fixed
+clock offset in [-skew, +skew] on its patterns' timestamps.
+
 Memory: about 60 bytes per device plus one shared catalog, so one process holds 1M devices.
 """
 
@@ -71,6 +79,8 @@ class DeviceFleet:
         seed: seed of tastes and viewings (the same seed and index give the same taste).
         favourite_clusters: clusters per device taste.
         views_per_day: mean viewings per device per simulated day.
+        clock_skew_seconds: each device's clock is off by a fixed offset drawn uniformly in
+            [-skew, +skew] seconds (0: no skew, no memory spent on it).
     """
 
     def __init__(
@@ -81,6 +91,7 @@ class DeviceFleet:
         seed: int,
         favourite_clusters: int = 3,
         views_per_day: float = 6.0,
+        clock_skew_seconds: float = 0.0,
     ) -> None:
         n = int(indices.shape[0])
         self.indices = indices.astype(np.int64)
@@ -109,6 +120,12 @@ class DeviceFleet:
         self.page_offset = np.zeros(n, np.uint32)
         self.last_sim_ms = np.full(n, -1, np.int64)
         self._rng = np.random.default_rng([seed, 2, int(indices[0]) if n else 0])
+        self.skew_ms: npt.NDArray[np.int32] | None = None
+        if clock_skew_seconds > 0:
+            skew = np.random.default_rng([seed, 6, int(indices[0]) if n else 0])
+            limit = clock_skew_seconds * 1000.0
+            self.skew_ms = np.rint(skew.uniform(-limit, limit, n)).astype(np.int32)
+        self.needs_pull: set[int] = set()  # factory-reset devices that have not pulled yet
 
     def __len__(self) -> int:
         return int(self.indices.shape[0])
@@ -167,6 +184,7 @@ class DeviceFleet:
             local_version=int(self.local_version[k]), base_version=int(self.acked_version[k])
         )
         changed = int(self.changed[k])
+        stamp = sim_ms if self.skew_ms is None else max(0, sim_ms + int(self.skew_ms[k]))
         for bucket in range(BUCKET_COUNT):
             if not changed & (1 << bucket):
                 continue
@@ -179,8 +197,8 @@ class DeviceFleet:
                     success_rate=int(self.successes[k, bucket]) / max(samples, 1),
                     sample_count=samples,
                     context=_CONTEXTS[bucket],
-                    created_at_ms=sim_ms,
-                    updated_at_ms=sim_ms,
+                    created_at_ms=stamp,
+                    updated_at_ms=stamp,
                 )
             )
         pending = int(self.pending_views[k])
@@ -218,3 +236,70 @@ class DeviceFleet:
             self.global_version[k] = max(int(self.global_version[k]), int(answer.global_version))
             self.page_version[k] = 0
             self.page_offset[k] = 0
+
+    def malformed_request(self, k: int, sim_ms: int, kind: int) -> bytes:
+        """A sync of device ``k`` the shard must refuse with INVALID_ARGUMENT.
+
+        Args:
+            kind: 0: the delta's payload is garbage (zstd codec, random bytes); 1: the request
+                carries a local version one above the delta's own.
+        """
+        version = max(1, int(self.local_version[k]))
+        if kind == 0:
+            junk = np.random.default_rng([self.seed, 7, int(self.indices[k]), version])
+            payload = sync_pb2.CompressedPayload(
+                codec=sync_pb2.CODEC_ZSTD, data=b"\x00junk" + junk.bytes(59)
+            )
+            sent = version
+        else:
+            delta = self.delta(k, sim_ms)
+            delta.local_version = version
+            delta.base_version = min(int(delta.base_version), version)
+            payload = encode_payload(delta, compress=delta.ByteSize() >= _COMPRESS_MIN_BYTES)
+            sent = version + 1
+        request = sync_pb2.SyncPatternsRequest(
+            device_id=self.device_id(k),
+            local_version=sent,
+            since_global_version=int(self.global_version[k]),
+            delta=payload,
+        )
+        return request.SerializeToString()
+
+    def factory_reset(self, k: int) -> None:
+        """Wipe device ``k``'s store: versions, patterns, pending views and global state back
+        to zero; its next sync starts with a pull (`needs_pull`)."""
+        for name in (
+            "local_version",
+            "acked_version",
+            "changed",
+            "pending_views",
+            "global_version",
+            "page_version",
+            "page_offset",
+        ):
+            getattr(self, name)[k] = 0
+        self.samples[k] = 0
+        self.successes[k] = 0
+        self.needs_pull.add(k)
+
+    def pull_request(self, k: int) -> bytes:
+        """Device ``k``'s pull: version 0, an empty uncompressed delta (it writes nothing; the
+        answer acknowledges the last version the shard applied for this device)."""
+        request = sync_pb2.SyncPatternsRequest(
+            device_id=self.device_id(k),
+            local_version=0,
+            since_global_version=int(self.global_version[k]),
+            delta=encode_payload(patterns_pb2.PatternDelta(), compress=False),
+        )
+        return request.SerializeToString()
+
+    def learn(self, k: int, answer: sync_pb2.SyncPatternsResponse) -> int:
+        """Apply the answer to device ``k``'s pull: changes since the reset are numbered past
+        the version the shard acknowledges (everything re-sent from base 0). Returns that
+        acknowledged version."""
+        last = int(answer.acknowledged_version)
+        if int(self.acked_version[k]) < last:
+            self.local_version[k] = np.uint32(max(int(self.local_version[k]), last) + 1)
+            self.acked_version[k] = 0
+        self.needs_pull.discard(k)
+        return last

@@ -6,22 +6,36 @@ whole run's latencies go to one HDR histogram (3 significant digits); each time 
 run (by scheduled time) has its own (2 digits) for the plots. Counters: scheduled, ok and
 failed syncs (failures by gRPC status name, plus ``NOT_SENT`` when the run ended before the
 sender reached a sync and ``UNFINISHED`` when no answer came before the end), redirects,
-duplicates, bytes up and down. Histograms travel as HdrHistogram's compressed base64 encoding.
+duplicates, bytes up and down. Syncs sent malformed on purpose and refused with
+INVALID_ARGUMENT are ``refused`` (as expected: neither ok nor a failure of the service, so
+ok + failed + refused == scheduled); ``device_faults`` counts the device-behaviour faults
+(malformed sent / refused / accepted, factory resets and resumptions, churn). Histograms
+travel as HdrHistogram's compressed base64 encoding.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import Counter
 from typing import Any
 
 from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]  # ships no stubs
 
-__all__ = ["LATENCY_MAX_US", "Recorder", "latency_histogram", "percentiles_ms"]
+__all__ = [
+    "LATENCY_BUCKETS_SECONDS",
+    "LATENCY_MAX_US",
+    "Recorder",
+    "latency_histogram",
+    "percentiles_ms",
+]
 
 LATENCY_MAX_US = 3_600_000_000
 """Highest latency an HDR histogram tracks: one hour, in microseconds."""
 _BYTES_MAX = 1 << 30
+
+LATENCY_BUCKETS_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0)
+"""Upper bounds of the live (Prometheus) latency histogram's buckets; one more: above."""
 
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 
@@ -77,6 +91,11 @@ class Recorder:
         self.window_errors: dict[str, list[int]] = {}
         self.redirects = 0
         self.duplicates = 0
+        self.refused = [0] * windows  # malformed on purpose, refused as expected
+        self.device_faults: Counter[str] = Counter()
+        # live export only (not merged): answered syncs per latency bucket and their sum
+        self.latency_buckets = [0] * (len(LATENCY_BUCKETS_SECONDS) + 1)
+        self.latency_sum = 0.0
 
     def window(self, t: float) -> int:
         """The window of wall second ``t`` of the run."""
@@ -101,6 +120,9 @@ class Recorder:
         self.bytes_up[w] += bytes_up
         self.bytes_down[w] += bytes_down
         self.duplicates += int(dup)
+        seconds = us / 1e6
+        self.latency_buckets[bisect.bisect_left(LATENCY_BUCKETS_SECONDS, seconds)] += 1
+        self.latency_sum += seconds
 
     def record_failure(
         self, scheduled_at: float, status: str, bytes_up: int = 0, count: int = 1
@@ -111,6 +133,12 @@ class Recorder:
         self.bytes_up[w] += bytes_up
         self.errors[status] += count
         self.window_errors.setdefault(status, [0] * self.windows)[w] += count
+
+    def record_refused(self, scheduled_at: float, bytes_up: int) -> None:
+        """A malformed sync refused with INVALID_ARGUMENT, as expected."""
+        w = self.window(scheduled_at)
+        self.refused[w] += 1
+        self.bytes_up[w] += bytes_up
 
     def record_lag(self, seconds: float) -> None:
         """How late the sender started a sync after its scheduled time."""
@@ -131,6 +159,11 @@ class Recorder:
         """Syncs that failed (any status)."""
         return sum(self.failed)
 
+    @property
+    def total_refused(self) -> int:
+        """Malformed syncs refused as expected."""
+        return sum(self.refused)
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able form (histograms encoded) for `from_dict` and `merge`."""
         return {
@@ -150,6 +183,8 @@ class Recorder:
             "window_errors": self.window_errors,
             "redirects": self.redirects,
             "duplicates": self.duplicates,
+            "refused": self.refused,
+            "device_faults": dict(self.device_faults),
         }
 
     @classmethod
@@ -185,3 +220,6 @@ class Recorder:
                 row[i] += int(v)
         self.redirects += int(data["redirects"])
         self.duplicates += int(data["duplicates"])
+        for i, v in enumerate(data.get("refused", ())):
+            self.refused[i] += int(v)
+        self.device_faults.update({k: int(v) for k, v in data.get("device_faults", {}).items()})

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt
 
 from omega_simulator.fleet_measure import Recorder, latency_histogram, percentiles_ms
 from omega_simulator.fleet_run import FleetRun
-from omega_simulator.fleet_scenario import Fault
+from omega_simulator.fleet_scenario import Fault, Scenario
 
 __all__ = [
     "COMPARED_FIGURES",
@@ -41,7 +41,7 @@ def _last_active(run: FleetRun) -> int:
     active = [
         i
         for i in range(rec.windows)
-        if rec.scheduled[i] or rec.completed[i] or rec.failed[i] or rec.ok[i]
+        if rec.scheduled[i] or rec.completed[i] or rec.failed[i] or rec.ok[i] or rec.refused[i]
     ]
     return (max(active) + 1) if active else 1
 
@@ -113,11 +113,34 @@ def fault_figures(rec: Recorder, faults: tuple[Fault, ...], n: int) -> dict[str,
     return {"faults": rows, "outside": _slice(rec, [i for i in range(n) if i not in covered])}
 
 
+def _device_faults(sc: Scenario, rec: Recorder) -> dict[str, Any]:
+    """The device-behaviour faults' settings and what came of them."""
+    c = rec.device_faults
+    return {
+        "settings": {
+            "malformed_fraction": sc.malformed_fraction,
+            "factory_reset_fraction": sc.factory_reset_fraction,
+            "clock_skew_seconds": sc.clock_skew_seconds,
+            "churn_fraction": sc.churn_fraction,
+        },
+        "malformed_sent": c["malformed_sent"],
+        "malformed_refused": c["malformed_refused"],
+        "malformed_accepted": c["malformed_accepted"],
+        "factory_resets": c["factory_resets"],
+        "resets_resumed": c["resets_resumed"],
+        "resets_wedged": c["resets_wedged"],
+        "resets_unresolved": c["resets_unresolved"],
+        "churn_appeared": c["churn_appeared"],
+        "churn_vanished": c["churn_vanished"],
+    }
+
+
 def build_report(run: FleetRun) -> dict[str, Any]:
     """The JSON report of a run: scenario, figures, errors, time series, histogram."""
     rec = run.recorder
     sc = run.scenario
     scheduled, ok, failed = rec.total_scheduled, rec.total_ok, rec.total_failed
+    refused = rec.total_refused
     up, down = sum(rec.bytes_up), sum(rec.bytes_down)
     lag = percentiles_ms(rec.send_lag)
     n = _last_active(run)
@@ -146,14 +169,15 @@ def build_report(run: FleetRun) -> dict[str, Any]:
             "scheduled": scheduled,
             "ok": ok,
             "failed": failed,
-            "accounted": ok + failed == scheduled,
+            "refused_as_expected": refused,
+            "accounted": ok + failed + refused == scheduled,
             "error_rate": failed / scheduled if scheduled else 0.0,
             "scheduled_per_second": scheduled / sc.duration_seconds,
             "throughput_per_second": ok / sc.duration_seconds,
             "latency_ms": percentiles_ms(rec.latency),
             "bytes_up": up,
             "bytes_down": down,
-            "bytes_up_per_sync": up / (ok + failed) if ok + failed else 0.0,
+            "bytes_up_per_sync": up / (ok + failed + refused) if ok + failed + refused else 0.0,
             "bytes_down_per_sync": down / ok if ok else 0.0,
             "request_bytes_p50": rec.request_bytes.get_value_at_percentile(50) if has_bytes else 0,
             "request_bytes_p99": rec.request_bytes.get_value_at_percentile(99) if has_bytes else 0,
@@ -163,6 +187,7 @@ def build_report(run: FleetRun) -> dict[str, Any]:
             "send_lag_ms_max": lag["max"],
         },
         "errors": dict(sorted(rec.errors.items())),
+        "device_faults": _device_faults(sc, rec) if sc.device_faults else None,
         "series": {
             "t": [i * ws for i in range(n)],
             "scheduled_per_second": per_second(rec.scheduled),
@@ -224,7 +249,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"| syncs scheduled | {f['scheduled']:,} |",
         f"| ok | {f['ok']:,} |",
         f"| failed | {f['failed']:,} ({100 * f['error_rate']:.2f}%) |",
-        f"| every sync accounted for (ok + failed = scheduled) | {f['accounted']} |",
+        f"| malformed on purpose, refused as expected | {f.get('refused_as_expected', 0):,} |",
+        "| every sync accounted for (ok + failed + refused as expected = scheduled) | "
+        f"{f['accounted']} |",
         f"| scheduled rate | {f['scheduled_per_second']:,.1f} /s |",
         f"| throughput (ok) | {f['throughput_per_second']:,.1f} /s |",
         f"| latency p50 / p90 / p99 | {lat['p50']:.2f} / {lat['p90']:.2f} / {lat['p99']:.2f} ms |",
@@ -245,6 +272,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["| error | count |", "| --- | ---: |"]
         lines += [f"| {k} | {v:,} |" for k, v in report["errors"].items()]
         lines.append("")
+    if report.get("device_faults"):
+        lines += _device_faults_markdown(report["device_faults"])
     if report.get("faults"):
         lines += _faults_markdown(report["faults"])
     if run["lost_workers"]:
@@ -255,6 +284,30 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     lines += [f"![{p[:-4]}]({p})" for p in PLOTS]
     return "\n".join(lines) + "\n"
+
+
+def _device_faults_markdown(d: dict[str, Any]) -> list[str]:
+    st = d["settings"]
+    return [
+        "## Device faults",
+        "",
+        f"Malformed share {st['malformed_fraction']:g}, factory-reset share "
+        f"{st['factory_reset_fraction']:g}, clock skew up to {st['clock_skew_seconds']:g} s, "
+        f"churn share {st['churn_fraction']:g}.",
+        "",
+        "| device fault | count |",
+        "| --- | ---: |",
+        f"| malformed sent | {d['malformed_sent']:,} |",
+        f"| malformed refused as expected (INVALID_ARGUMENT) | {d['malformed_refused']:,} |",
+        f"| malformed unexpectedly accepted | {d['malformed_accepted']:,} |",
+        f"| factory resets | {d['factory_resets']:,} |",
+        f"| resets resumed (new changes acknowledged) | {d['resets_resumed']:,} |",
+        f"| resets wedged (changes not acknowledged) | {d['resets_wedged']:,} |",
+        f"| resets without an answered sync after them | {d['resets_unresolved']:,} |",
+        f"| devices appeared mid-run | {d['churn_appeared']:,} |",
+        f"| devices vanished mid-run | {d['churn_vanished']:,} |",
+        "",
+    ]
 
 
 def _faults_markdown(faults: dict[str, Any]) -> list[str]:

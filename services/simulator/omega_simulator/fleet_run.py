@@ -27,6 +27,7 @@ from rich.table import Table
 from omega_simulator.access import FleetAccess
 from omega_simulator.fleet_catalog import CatalogTaste
 from omega_simulator.fleet_measure import Recorder
+from omega_simulator.fleet_metrics import FleetMetrics
 from omega_simulator.fleet_scenario import Scenario
 from omega_simulator.fleet_worker import WorkerSpec, worker_process
 
@@ -89,6 +90,7 @@ def run_fleet(
     live: bool | None = None,
     prefix: str | None = None,
     on_start: Callable[[float], None] | None = None,
+    metrics: FleetMetrics | None = None,
 ) -> FleetRun:
     """Run ``scenario`` against ``shards`` with ``scenario.workers`` processes.
 
@@ -101,6 +103,7 @@ def run_fleet(
         prefix: device id prefix (default: a fresh one, so runs never share devices).
         on_start: called with the run's start (``time.time()``, about 0.5 s ahead) before
             the workers are released (the fault proxies' timeline starts there).
+        metrics: live Prometheus export, updated with every worker's progress.
 
     Raises:
         RuntimeError: a worker did not get ready in time.
@@ -136,6 +139,8 @@ def run_fleet(
                 kind, w, value = channel.get(timeout=0.5)
                 if kind == "ready":
                     scheduled[w] = int(value)
+                    if metrics is not None:
+                        metrics.scheduled(w, int(value))
                 elif kind == "error":
                     errors[w] = str(value)
         started = time.time() + _START_MARGIN_SECONDS
@@ -166,6 +171,8 @@ def run_fleet(
                     continue
                 if kind == "progress":
                     figures[w] = value
+                    if metrics is not None:
+                        metrics.update(w, value)
                     if display is not None:
                         display.update(
                             _progress_table(scenario, figures, max(0.0, time.time() - started))

@@ -9,6 +9,12 @@ of viewing passes in a minute). ``phases`` multiply the fleet's sync rate for a 
 between the devices and the shards adds latency, resets connections or cuts them
 (`omega_simulator.fleet_proxy`), or (``kill``, local stacks only) where a shard replica is
 SIGKILLed and then restarted (`omega_simulator.fleet_kill`).
+
+Device-behaviour faults are settings of the synthetic devices themselves: a
+``malformed_fraction`` of the syncs carries a malformed request (expected to be refused with
+INVALID_ARGUMENT), a ``factory_reset_fraction`` of the devices loses its store once mid-run and
+learns its version from the shard again, every device's timestamps are off by up to
+``clock_skew_seconds``, and a ``churn_fraction`` of the devices appears or vanishes mid-run.
 """
 
 from __future__ import annotations
@@ -183,6 +189,34 @@ class Scenario(BaseModel):
     faults: tuple[Fault, ...] = Field(
         (), description="Fault windows of the proxy between the devices and the shards."
     )
+    malformed_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of syncs sent malformed (garbage delta bytes or a local version "
+        "the delta contradicts); the shard is expected to refuse them with INVALID_ARGUMENT.",
+    )
+    factory_reset_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of devices whose store is wiped once mid-run (version back to 0, "
+        "then a pull to learn the shard's version, as the brain does).",
+    )
+    clock_skew_seconds: float = Field(
+        0.0,
+        ge=0,
+        le=2_000_000,
+        description="Each device's clock is off by a random offset in [-this, +this] seconds "
+        "(the patterns' created/updated timestamps).",
+    )
+    churn_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of devices that churn: half of them appear mid-run (new devices), "
+        "half vanish mid-run (no more syncs).",
+    )
 
     @model_validator(mode="after")
     def _phases_inside_run(self) -> Scenario:
@@ -223,6 +257,16 @@ class Scenario(BaseModel):
                     f"{c.start_seconds:g} s and the one starting at {d.start_seconds:g} s"
                 )
         return self
+
+    @property
+    def device_faults(self) -> bool:
+        """Whether any device-behaviour fault is set."""
+        return bool(
+            self.malformed_fraction
+            or self.factory_reset_fraction
+            or self.clock_skew_seconds
+            or self.churn_fraction
+        )
 
     @property
     def proxy_faults(self) -> tuple[Fault, ...]:

@@ -12,7 +12,12 @@ shows in the latency and in its own send lag (reported separately).
 Accounting: every scheduled sync ends as ok, a gRPC failure (status name), ``REDIRECTED``
 (answered by a shard naming another shard this run does not know), ``NOT_SENT`` (the sender
 had not reached it ``rpc_timeout_seconds`` after the run's end) or ``UNFINISHED`` (no answer
-by the hard stop), so ok + failed == scheduled.
+by the hard stop), so ok + failed == scheduled; with ``malformed_fraction``, a malformed sync
+refused with INVALID_ARGUMENT is ``refused`` (as expected) instead, so ok + failed + refused
+== scheduled, and one accepted is the failure ``MALFORMED_ACCEPTED``. Device-behaviour faults
+(see `omega_simulator.fleet_devices`): malformed syncs drawn per sync, factory resets at a
+random time of the run's 20-60% for ``factory_reset_fraction`` of the devices, churn applied
+to the schedule (`apply_churn`).
 """
 
 from __future__ import annotations
@@ -37,7 +42,14 @@ from omega_simulator.fleet_devices import SIM_EPOCH_MS, DeviceFleet
 from omega_simulator.fleet_measure import Recorder
 from omega_simulator.fleet_scenario import Scenario
 
-__all__ = ["SYNC_METHOD", "WorkerSpec", "build_schedule", "run_worker", "worker_process"]
+__all__ = [
+    "SYNC_METHOD",
+    "WorkerSpec",
+    "apply_churn",
+    "build_schedule",
+    "run_worker",
+    "worker_process",
+]
 
 SYNC_METHOD = "/omega.v1.ConstellationSync/SyncPatterns"
 _PROGRESS_SECONDS = 1.0
@@ -84,6 +96,34 @@ def build_schedule(
     return times[order], device[order]
 
 
+def apply_churn(
+    scenario: Scenario,
+    times: npt.NDArray[np.float64],
+    device: npt.NDArray[np.int32],
+    devices: int,
+    rng: np.random.Generator,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int32], int, int]:
+    """Drop the syncs churn removes: ``churn_fraction`` of the devices churn, half of them
+    appearing at a random time in the middle 60% of the run (no syncs before: new devices),
+    the other half vanishing then (no syncs after: they just stop being scheduled).
+
+    Returns:
+        ``(times, device, appeared, vanished)``: the schedule kept and the churned counts.
+    """
+    m = round(scenario.churn_fraction * devices)
+    if m == 0:
+        return times, device, 0, 0
+    churned = rng.choice(devices, m, replace=False)
+    at = np.full(devices, np.nan)
+    at[churned] = rng.uniform(0.2, 0.8, m) * scenario.duration_seconds
+    appearing = np.zeros(devices, bool)
+    appearing[churned[: (m + 1) // 2]] = True
+    when = at[device]
+    gone = np.where(appearing[device], times < when, times >= when)  # NaN compares False
+    keep = ~gone
+    return times[keep], device[keep], (m + 1) // 2, m // 2
+
+
 @dataclass(frozen=True)
 class WorkerSpec:
     """What one worker process needs (picklable).
@@ -125,6 +165,9 @@ class _Sender:
         self.launched = 0
         self.start = 0.0
         self._rr = 0
+        self.rng = np.random.default_rng([spec.scenario.seed, 7, spec.worker])
+        self.resets: dict[int, float] = {}  # device position -> wall second of its reset
+        self.awaiting_resume: set[int] = set()  # reset, no acknowledged sync since
 
     def open_channels(self) -> None:
         access = self.spec.access
@@ -162,43 +205,86 @@ class _Sender:
 
     async def one(self, seq: int, k: int, scheduled: float) -> None:
         sc = self.spec.scenario
-        self.recorder.record_lag(self.now() - scheduled)
-        self.fleet.advance(k, self.sim_ms(scheduled), sc.sync_interval_seconds * 1000.0)
-        body, version = self.fleet.request(k, self.sim_ms(scheduled))
+        rec = self.recorder
+        fleet = self.fleet
+        rec.record_lag(self.now() - scheduled)
+        reset_at = self.resets.get(k)
+        if reset_at is not None and scheduled >= reset_at:
+            del self.resets[k]
+            fleet.factory_reset(k)
+            rec.device_faults["factory_resets"] += 1
+            self.awaiting_resume.add(k)
+        sim_ms = self.sim_ms(scheduled)
+        fleet.advance(k, sim_ms, sc.sync_interval_seconds * 1000.0)
+        malformed = sc.malformed_fraction > 0 and float(self.rng.random()) < sc.malformed_fraction
         shard_id = (
             self.shard_ids[0]
             if len(self.shard_ids) == 1
-            else shard_for(self.fleet.device_id(k), self.shard_ids)
+            else shard_for(fleet.device_id(k), self.shard_ids)
         )
         sent = 0
-        try:
+        received = 0
+
+        async def send(body: bytes) -> sync_pb2.SyncPatternsResponse:
+            nonlocal shard_id, sent, received
             for _hop in range(2):  # the shard asked, then the one a redirect names
                 sent += len(body)
                 answer_bytes: bytes = await self._stub(shard_id)(
                     body, timeout=sc.rpc_timeout_seconds, metadata=self._metadata(k)
                 )
+                received += len(answer_bytes)
                 answer = sync_pb2.SyncPatternsResponse.FromString(answer_bytes)
                 if not answer.redirect_shard_id:
                     break
-                self.recorder.redirects += 1
+                rec.redirects += 1
                 shard_id = answer.redirect_shard_id
                 if shard_id not in self.stubs:
                     break
+            return answer
+
+        version = 0
+        try:
+            if malformed:
+                rec.device_faults["malformed_sent"] += 1
+                kind = int(self.rng.integers(0, 2))
+                answer = await send(fleet.malformed_request(k, sim_ms, kind))
+            else:
+                answer = sync_pb2.SyncPatternsResponse()
+                if k in fleet.needs_pull:  # a factory-reset store learns its version first
+                    answer = await send(fleet.pull_request(k))
+                    if not answer.redirect_shard_id:
+                        fleet.learn(k, answer)
+                if not answer.redirect_shard_id:
+                    body, version = fleet.request(k, sim_ms)
+                    answer = await send(body)
         except grpc.aio.AioRpcError as exc:
             self._done(seq)
-            self.recorder.record_failure(scheduled, exc.code().name, sent)
+            if malformed and exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                rec.device_faults["malformed_refused"] += 1
+                rec.record_refused(scheduled, sent)
+                return
+            rec.record_failure(scheduled, exc.code().name, sent)
             return
         except DecodeError:
             self._done(seq)
-            self.recorder.record_failure(scheduled, "BAD_ANSWER", sent)
+            rec.record_failure(scheduled, "BAD_ANSWER", sent)
             return
         # (a cancellation leaves the sync in `inflight`: `run` counts it as UNFINISHED)
         self._done(seq)
         if answer.redirect_shard_id:
-            self.recorder.record_failure(scheduled, "REDIRECTED", sent)
+            rec.record_failure(scheduled, "REDIRECTED", sent)
             return
-        self.fleet.acknowledge(k, version, answer)
-        self.recorder.record_ok(scheduled, self.now(), sent, len(answer_bytes), answer.duplicate)
+        if malformed:
+            rec.device_faults["malformed_accepted"] += 1
+            rec.record_failure(scheduled, "MALFORMED_ACCEPTED", sent)
+            return
+        if k not in fleet.needs_pull:  # (an answer to a sync sent before a reset: dropped)
+            fleet.acknowledge(k, version, answer)
+            if k in self.awaiting_resume:
+                self.awaiting_resume.discard(k)
+                resumed = answer.acknowledged_version >= version and not answer.duplicate
+                rec.device_faults["resets_resumed" if resumed else "resets_wedged"] += 1
+        rec.record_ok(scheduled, self.now(), sent, received, answer.duplicate)
 
     def _done(self, seq: int) -> None:
         self.inflight.pop(seq, None)
@@ -249,6 +335,8 @@ class _Sender:
         for scheduled in self.inflight.values():
             self.recorder.record_failure(scheduled, "UNFINISHED")
         self.inflight.clear()
+        if self.awaiting_resume:  # reset, but no answered sync after it before the end
+            self.recorder.device_faults["resets_unresolved"] += len(self.awaiting_resume)
         self.report(progress, i, n)
 
     def report(self, progress: Any, launched: int, scheduled: int) -> None:
@@ -269,6 +357,10 @@ class _Sender:
                     "p99_ms": rec.latency.get_value_at_percentile(99.0) / 1000.0,
                     "bytes_up": sum(rec.bytes_up),
                     "bytes_down": sum(rec.bytes_down),
+                    "refused": rec.total_refused,
+                    "errors": dict(rec.errors),
+                    "latency_buckets": list(rec.latency_buckets),
+                    "latency_sum": rec.latency_sum,
                 },
             )
         )
@@ -296,11 +388,27 @@ def run_worker(
     sc = spec.scenario
     indices = np.arange(spec.worker, sc.devices, sc.workers, dtype=np.int64)
     fleet = DeviceFleet(
-        indices, spec.taste, spec.prefix, sc.seed, sc.favourite_clusters, sc.views_per_day
+        indices,
+        spec.taste,
+        spec.prefix,
+        sc.seed,
+        sc.favourite_clusters,
+        sc.views_per_day,
+        sc.clock_skew_seconds,
     )
     rng = np.random.default_rng([sc.seed, 5, spec.worker])
     times, devices = build_schedule(sc, len(fleet), rng)
     recorder = Recorder(spec.window_seconds, spec.windows)
+    faults_rng = np.random.default_rng([sc.seed, 8, spec.worker])
+    times, devices, appeared, vanished = apply_churn(sc, times, devices, len(fleet), faults_rng)
+    if appeared or vanished:
+        recorder.device_faults.update({"churn_appeared": appeared, "churn_vanished": vanished})
+    resets: dict[int, float] = {}
+    n_resets = round(sc.factory_reset_fraction * len(fleet))
+    if n_resets:
+        chosen = faults_rng.choice(len(fleet), n_resets, replace=False)
+        at = faults_rng.uniform(0.2, 0.6, n_resets) * sc.duration_seconds
+        resets = {int(k): float(t) for k, t in zip(chosen, at, strict=True)}
     recorder.schedule(times)
     start = ready(int(times.shape[0])) if ready is not None else None
     start_wall = start_at_wall if start_at_wall is not None else start
@@ -309,6 +417,7 @@ def run_worker(
 
     async def main() -> None:
         sender = _Sender(spec, fleet, recorder)
+        sender.resets = resets
         sender.open_channels()
         try:
             await sender.run(times, devices, start_wall, progress)
