@@ -5,11 +5,7 @@ is accounted for, and the report lists and plots the windows."""
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import json
-import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,37 +13,14 @@ import pytest
 
 from omega_simulator.__main__ import main
 from omega_simulator.fleet_report import PLOTS
-from tools.fuzz.shard import ShardProcess, admin_dsn
+from tools.fuzz.shard import ShardProcess
+
+from .fleet_support import fleet_keys_file, fleet_shard  # noqa: F401 - the fixtures
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 _CUT = (3.0, 2.0)  # start, duration (s)
 _SLOW = (8.0, 2.0, 150.0)  # start, duration (s), added ms each way
-
-
-@pytest.fixture(scope="module")
-def fleet_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("keys") / "fleet-keys.json"
-    path.write_text(json.dumps({"k1": base64.b64encode(os.urandom(32)).decode("ascii")}))
-    return path
-
-
-@pytest.fixture(scope="module")
-async def shard(
-    tmp_path_factory: pytest.TempPathFactory, fleet_keys: Path
-) -> AsyncIterator[ShardProcess]:
-    work = tmp_path_factory.mktemp("shard")
-    keys = await asyncio.to_thread(fleet_keys.read_text)
-    shard = await ShardProcess.start(
-        await admin_dsn(),
-        work,
-        {"OMEGA_CONSTELLATION_AUTH": "true", "OMEGA_CONSTELLATION_FLEET_KEYS": keys},
-        auth=False,
-    )
-    try:
-        yield shard
-    finally:
-        await shard.stop()
 
 
 def _scenario(folder: Path) -> Path:
