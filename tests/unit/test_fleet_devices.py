@@ -256,6 +256,38 @@ def test_factory_reset_pulls_then_numbers_past_the_shards_version(
     assert fleet.acked_version[k] == version and fleet.changed[k] == 0
 
 
+def test_a_stale_store_is_shown_behind_then_renumbers_and_resends_everything(
+    catalog: tuple[list[str], np.ndarray],
+) -> None:
+    fleet = _fleet(catalog)
+    k = 2
+    version = 0
+    for hour in range(3):  # three acknowledged syncs: something to roll back to
+        fleet.advance(k, EVENING_MS + hour * 3_600_000, 3_600_000)
+        _, version = fleet.request(k, EVENING_MS + hour * 3_600_000)
+        answer = sync_pb2.SyncPatternsResponse(acknowledged_version=version)
+        assert fleet.acknowledge(k, version, answer) is False
+    assert version >= 2
+    shard_version = version
+    fleet.rollback(k)
+    assert fleet.acked_version[k] == 1 == fleet.local_version[k]
+    _, stale = fleet.request(k, EVENING_MS + 4 * 3_600_000)
+    assert stale < shard_version
+    # the shard answers as for a duplicate, naming its later version
+    answer = sync_pb2.SyncPatternsResponse(acknowledged_version=shard_version, duplicate=True)
+    assert fleet.acknowledge(k, stale, answer) is True
+    assert fleet.local_version[k] == shard_version + 1 and fleet.acked_version[k] == 0
+    body, resent = fleet.request(k, EVENING_MS + 4 * 3_600_000)
+    delta = decode_payload(
+        sync_pb2.SyncPatternsRequest.FromString(body).delta, patterns_pb2.PatternDelta
+    )
+    # every bucket the device has learned is sent again, from base 0, past the shard
+    assert resent == shard_version + 1 and delta.base_version == 0
+    assert len(delta.added) == int((fleet.samples[k] > 0).sum()) >= 1
+    # an answer to an older sync of a device that has moved on is not taken for a stale store
+    assert not fleet.acknowledge(k, stale, answer)
+
+
 def test_clock_skew_offsets_the_pattern_timestamps(
     catalog: tuple[list[str], np.ndarray],
 ) -> None:

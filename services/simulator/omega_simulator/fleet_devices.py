@@ -22,8 +22,10 @@ Device-behaviour faults (`Scenario` settings, applied by `omega_simulator.fleet_
 payload, or a request whose local version the delta contradicts); `factory_reset` wipes a
 device's store, after which `needs_pull` devices send `pull_request` (version 0, empty delta)
 and `learn` numbers their new changes past the acknowledged version, as
-`SyncClient._learn_server_version` does; ``clock_skew_seconds`` gives each device a fixed
-clock offset in [-skew, +skew] on its patterns' timestamps.
+`SyncClient._learn_server_version` does; `rollback` puts a device's versions back as a store
+restored from an older backup (stale versions), after which `acknowledge` renumbers its
+changes past the shard's version as the brain does; ``clock_skew_seconds`` gives each device a
+fixed clock offset in [-skew, +skew] on its patterns' timestamps.
 
 Memory: about 60 bytes per device plus one shared catalog, so one process holds 1M devices.
 """
@@ -222,13 +224,30 @@ class DeviceFleet:
         )
         return request.SerializeToString(), version
 
-    def acknowledge(self, k: int, sent_version: int, answer: sync_pb2.SyncPatternsResponse) -> None:
-        """Apply an answer (not a redirect) to the sync that carried ``sent_version``."""
+    def acknowledge(self, k: int, sent_version: int, answer: sync_pb2.SyncPatternsResponse) -> bool:
+        """Apply an answer (not a redirect) to the sync that carried ``sent_version``.
+
+        An answer acknowledging *more* than was sent, while the device has changed nothing
+        since, means the shard holds a later version than this store (restored from a
+        backup, `rollback`): as `omega_brain.sync_delta.apply_response` does, the device
+        numbers its changes past the shard's version and re-sends every pattern it has.
+
+        Returns:
+            True when the answer showed the store was behind the shard (and it renumbered).
+        """
         acked = int(answer.acknowledged_version)
-        if acked >= sent_version and int(self.local_version[k]) == sent_version:
-            self.changed[k] = 0
-            self.pending_views[k] = 0
-        self.acked_version[k] = max(int(self.acked_version[k]), min(acked, sent_version))
+        behind = acked > sent_version and int(self.local_version[k]) == sent_version
+        if behind:
+            self.local_version[k] = np.uint32(acked + 1)
+            self.acked_version[k] = 0
+            self.changed[k] = np.uint8(
+                sum(1 << b for b in range(BUCKET_COUNT) if self.samples[k, b] > 0)
+            )
+        else:
+            if acked >= sent_version and int(self.local_version[k]) == sent_version:
+                self.changed[k] = 0
+                self.pending_views[k] = 0
+            self.acked_version[k] = max(int(self.acked_version[k]), min(acked, sent_version))
         if answer.next_global_page_offset:
             self.page_version[k] = answer.global_version
             self.page_offset[k] = answer.next_global_page_offset
@@ -236,6 +255,7 @@ class DeviceFleet:
             self.global_version[k] = max(int(self.global_version[k]), int(answer.global_version))
             self.page_version[k] = 0
             self.page_offset[k] = 0
+        return behind
 
     def malformed_request(self, k: int, sim_ms: int, kind: int) -> bytes:
         """A sync of device ``k`` the shard must refuse with INVALID_ARGUMENT.
@@ -281,6 +301,18 @@ class DeviceFleet:
         self.samples[k] = 0
         self.successes[k] = 0
         self.needs_pull.add(k)
+
+    def rollback(self, k: int) -> None:
+        """Restore device ``k``'s store from its oldest backup: its acknowledged version goes
+        back to 1 (changes not yet acknowledged stay pending on top), so its next syncs
+        carry versions the shard has already applied: the shard answers them as duplicates
+        acknowledging its later version, and the device must renumber (`acknowledge`) or its
+        new changes are never applied. (When its new changes carry it past the shard's
+        version anyway, the shard simply applies them.)"""
+        acked = int(self.acked_version[k])
+        back = min(acked, 1)
+        self.local_version[k] = np.uint32(back + int(self.local_version[k]) - acked)
+        self.acked_version[k] = np.uint32(back)
 
     def pull_request(self, k: int) -> bytes:
         """Device ``k``'s pull: version 0, an empty uncompressed delta (it writes nothing; the

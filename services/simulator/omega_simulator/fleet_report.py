@@ -23,6 +23,7 @@ from omega_simulator.fleet_scenario import Fault, Scenario
 
 __all__ = [
     "COMPARED_FIGURES",
+    "DEVICE_FAULT_COUNTERS",
     "PLOTS",
     "build_report",
     "compare_reports",
@@ -113,25 +114,41 @@ def fault_figures(rec: Recorder, faults: tuple[Fault, ...], n: int) -> dict[str,
     return {"faults": rows, "outside": _slice(rec, [i for i in range(n) if i not in covered])}
 
 
+DEVICE_FAULT_COUNTERS: list[tuple[str, str]] = [
+    ("malformed_sent", "malformed sent"),
+    ("malformed_refused", "malformed refused as expected (INVALID_ARGUMENT)"),
+    ("malformed_accepted", "malformed unexpectedly accepted"),
+    ("factory_resets", "factory resets"),
+    ("resets_resumed", "resets resumed (new changes acknowledged)"),
+    ("resets_wedged", "resets wedged (changes not acknowledged)"),
+    ("resets_unresolved", "resets without an answered sync after them"),
+    ("stale_rollbacks", "stores restored from an older backup (stale versions)"),
+    ("stale_detected", "stale versions answered as duplicates naming the shard's later one"),
+    ("stale_resumed", "stale stores resumed (renumbered changes applied)"),
+    ("stale_passed", "stale stores already past the shard's version (applied at once)"),
+    ("stale_applied", "stale versions applied again by the shard (a failure)"),
+    ("stale_wedged", "stale stores wedged (shown behind twice)"),
+    ("stale_unresolved", "stale stores without a settling answer before the end"),
+    ("churn_appeared", "devices appeared mid-run"),
+    ("churn_vanished", "devices vanished mid-run"),
+]
+"""The device-fault counters of a report (``device_faults`` keys) and their labels."""
+
+_DEVICE_FAULT_SETTINGS = (
+    "malformed_fraction",
+    "factory_reset_fraction",
+    "stale_fraction",
+    "clock_skew_seconds",
+    "churn_fraction",
+)
+
+
 def _device_faults(sc: Scenario, rec: Recorder) -> dict[str, Any]:
     """The device-behaviour faults' settings and what came of them."""
     c = rec.device_faults
     return {
-        "settings": {
-            "malformed_fraction": sc.malformed_fraction,
-            "factory_reset_fraction": sc.factory_reset_fraction,
-            "clock_skew_seconds": sc.clock_skew_seconds,
-            "churn_fraction": sc.churn_fraction,
-        },
-        "malformed_sent": c["malformed_sent"],
-        "malformed_refused": c["malformed_refused"],
-        "malformed_accepted": c["malformed_accepted"],
-        "factory_resets": c["factory_resets"],
-        "resets_resumed": c["resets_resumed"],
-        "resets_wedged": c["resets_wedged"],
-        "resets_unresolved": c["resets_unresolved"],
-        "churn_appeared": c["churn_appeared"],
-        "churn_vanished": c["churn_vanished"],
+        "settings": {name: getattr(sc, name) for name in _DEVICE_FAULT_SETTINGS},
+        **{key: c[key] for key, _label in DEVICE_FAULT_COUNTERS},
     }
 
 
@@ -292,20 +309,13 @@ def _device_faults_markdown(d: dict[str, Any]) -> list[str]:
         "## Device faults",
         "",
         f"Malformed share {st['malformed_fraction']:g}, factory-reset share "
-        f"{st['factory_reset_fraction']:g}, clock skew up to {st['clock_skew_seconds']:g} s, "
-        f"churn share {st['churn_fraction']:g}.",
+        f"{st['factory_reset_fraction']:g}, stale-store share {st.get('stale_fraction', 0):g}, "
+        f"clock skew up to {st['clock_skew_seconds']:g} s, churn share "
+        f"{st['churn_fraction']:g}.",
         "",
         "| device fault | count |",
         "| --- | ---: |",
-        f"| malformed sent | {d['malformed_sent']:,} |",
-        f"| malformed refused as expected (INVALID_ARGUMENT) | {d['malformed_refused']:,} |",
-        f"| malformed unexpectedly accepted | {d['malformed_accepted']:,} |",
-        f"| factory resets | {d['factory_resets']:,} |",
-        f"| resets resumed (new changes acknowledged) | {d['resets_resumed']:,} |",
-        f"| resets wedged (changes not acknowledged) | {d['resets_wedged']:,} |",
-        f"| resets without an answered sync after them | {d['resets_unresolved']:,} |",
-        f"| devices appeared mid-run | {d['churn_appeared']:,} |",
-        f"| devices vanished mid-run | {d['churn_vanished']:,} |",
+        *(f"| {label} | {d.get(key, 0):,} |" for key, label in DEVICE_FAULT_COUNTERS),
         "",
     ]
 
@@ -520,8 +530,8 @@ def _change(a: float | None, b: float | None) -> str:
 
 
 def compare_reports(a: dict[str, Any], b: dict[str, Any]) -> list[tuple[str, str, str, str]]:
-    """Rows ``(figure, A, B, change of B against A)`` for every figure of `COMPARED_FIGURES`
-    and every error status of either run."""
+    """Rows ``(figure, A, B, change of B against A)`` for every figure of `COMPARED_FIGURES`,
+    every error status of either run and every device-fault counter either run used."""
     rows: list[tuple[str, str, str, str]] = []
 
     def fmt(value: float | None, spec: str) -> str:
@@ -534,6 +544,11 @@ def compare_reports(a: dict[str, Any], b: dict[str, Any]) -> list[tuple[str, str
         ea = float(a.get("errors", {}).get(status, 0))
         eb = float(b.get("errors", {}).get(status, 0))
         rows.append((f"errors {status}", f"{ea:,.0f}", f"{eb:,.0f}", _change(ea, eb)))
+    fa, fb = a.get("device_faults") or {}, b.get("device_faults") or {}
+    for key, label in DEVICE_FAULT_COUNTERS:
+        if fa.get(key) or fb.get(key):  # a counter neither run used stays out of the table
+            va, vb = float(fa.get(key, 0)), float(fb.get(key, 0))
+            rows.append((f"device fault: {label}", f"{va:,.0f}", f"{vb:,.0f}", _change(va, vb)))
     return rows
 
 

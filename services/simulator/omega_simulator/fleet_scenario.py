@@ -13,8 +13,10 @@ SIGKILLed and then restarted (`omega_simulator.fleet_kill`).
 Device-behaviour faults are settings of the synthetic devices themselves: a
 ``malformed_fraction`` of the syncs carries a malformed request (expected to be refused with
 INVALID_ARGUMENT), a ``factory_reset_fraction`` of the devices loses its store once mid-run and
-learns its version from the shard again, every device's timestamps are off by up to
-``clock_skew_seconds``, and a ``churn_fraction`` of the devices appears or vanishes mid-run.
+learns its version from the shard again, a ``stale_fraction`` of the devices has its store
+restored from an older backup once mid-run (stale versions), every device's timestamps are off
+by up to ``clock_skew_seconds``, and a ``churn_fraction`` of the devices appears or vanishes
+mid-run.
 """
 
 from __future__ import annotations
@@ -203,6 +205,15 @@ class Scenario(BaseModel):
         description="Share of devices whose store is wiped once mid-run (version back to 0, "
         "then a pull to learn the shard's version, as the brain does).",
     )
+    stale_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of devices (among those not factory-reset) whose store is restored "
+        "once mid-run from an older backup: their versions go back to ones the shard has "
+        "applied, the shard answers them as duplicates naming its later version, and the "
+        "device must number its changes past it (as the brain does).",
+    )
     clock_skew_seconds: float = Field(
         0.0,
         ge=0,
@@ -264,6 +275,7 @@ class Scenario(BaseModel):
         return bool(
             self.malformed_fraction
             or self.factory_reset_fraction
+            or self.stale_fraction
             or self.clock_skew_seconds
             or self.churn_fraction
         )

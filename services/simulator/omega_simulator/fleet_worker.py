@@ -16,8 +16,9 @@ by the hard stop), so ok + failed == scheduled; with ``malformed_fraction``, a m
 refused with INVALID_ARGUMENT is ``refused`` (as expected) instead, so ok + failed + refused
 == scheduled, and one accepted is the failure ``MALFORMED_ACCEPTED``. Device-behaviour faults
 (see `omega_simulator.fleet_devices`): malformed syncs drawn per sync, factory resets at a
-random time of the run's 20-60% for ``factory_reset_fraction`` of the devices, churn applied
-to the schedule (`apply_churn`).
+random time of the run's 20-60% for ``factory_reset_fraction`` of the devices, rollbacks to
+stale versions likewise for ``stale_fraction`` of the others (from their first sync at or
+after that time with something acknowledged), churn applied to the schedule (`apply_churn`).
 """
 
 from __future__ import annotations
@@ -168,6 +169,9 @@ class _Sender:
         self.rng = np.random.default_rng([spec.scenario.seed, 7, spec.worker])
         self.resets: dict[int, float] = {}  # device position -> wall second of its reset
         self.awaiting_resume: set[int] = set()  # reset, no acknowledged sync since
+        self.rollbacks: dict[int, float] = {}  # device position -> wall second of its rollback
+        # rolled back, unsettled -> (its acknowledged version before, shown behind yet)
+        self.stale: dict[int, tuple[int, bool]] = {}
 
     def open_channels(self) -> None:
         access = self.spec.access
@@ -214,6 +218,17 @@ class _Sender:
             fleet.factory_reset(k)
             rec.device_faults["factory_resets"] += 1
             self.awaiting_resume.add(k)
+        stale_at = self.rollbacks.get(k)
+        if (
+            stale_at is not None
+            and scheduled >= stale_at
+            and int(fleet.acked_version[k]) >= 2  # else there is no older version to go to
+            and k not in fleet.needs_pull
+        ):
+            del self.rollbacks[k]
+            self.stale[k] = (int(fleet.acked_version[k]), False)
+            fleet.rollback(k)
+            rec.device_faults["stale_rollbacks"] += 1
         sim_ms = self.sim_ms(scheduled)
         fleet.advance(k, sim_ms, sc.sync_interval_seconds * 1000.0)
         malformed = sc.malformed_fraction > 0 and float(self.rng.random()) < sc.malformed_fraction
@@ -279,12 +294,39 @@ class _Sender:
             rec.record_failure(scheduled, "MALFORMED_ACCEPTED", sent)
             return
         if k not in fleet.needs_pull:  # (an answer to a sync sent before a reset: dropped)
-            fleet.acknowledge(k, version, answer)
+            behind = fleet.acknowledge(k, version, answer)
+            if k in self.stale:
+                self._settle_stale(k, version, answer, behind)
             if k in self.awaiting_resume:
                 self.awaiting_resume.discard(k)
                 resumed = answer.acknowledged_version >= version and not answer.duplicate
                 rec.device_faults["resets_resumed" if resumed else "resets_wedged"] += 1
         rec.record_ok(scheduled, self.now(), sent, received, answer.duplicate)
+
+    def _settle_stale(
+        self, k: int, version: int, answer: sync_pb2.SyncPatternsResponse, behind: bool
+    ) -> None:
+        """Follow a rolled-back device: the shard should answer its stale version as a
+        duplicate acknowledging its own later version (``stale_detected``), after which the
+        renumbered changes are applied (``stale_resumed``). Shown behind twice:
+        ``stale_wedged``. Applied before being shown behind: ``stale_passed`` when its
+        version had passed the one acknowledged before the rollback (new changes), else
+        ``stale_applied``, the failure of a shard that applied a version twice."""
+        faults = self.recorder.device_faults
+        before, detected = self.stale[k]
+        if behind:
+            if detected:
+                faults["stale_wedged"] += 1
+                del self.stale[k]
+            else:
+                faults["stale_detected"] += 1
+                self.stale[k] = (before, True)
+        elif answer.acknowledged_version >= version and not answer.duplicate:
+            if detected:
+                faults["stale_resumed"] += 1
+            else:
+                faults["stale_passed" if version > before else "stale_applied"] += 1
+            del self.stale[k]
 
     def _done(self, seq: int) -> None:
         self.inflight.pop(seq, None)
@@ -337,6 +379,8 @@ class _Sender:
         self.inflight.clear()
         if self.awaiting_resume:  # reset, but no answered sync after it before the end
             self.recorder.device_faults["resets_unresolved"] += len(self.awaiting_resume)
+        if self.stale:  # rolled back, not settled before the end
+            self.recorder.device_faults["stale_unresolved"] += len(self.stale)
         self.report(progress, i, n)
 
     def report(self, progress: Any, launched: int, scheduled: int) -> None:
@@ -409,6 +453,13 @@ def run_worker(
         chosen = faults_rng.choice(len(fleet), n_resets, replace=False)
         at = faults_rng.uniform(0.2, 0.6, n_resets) * sc.duration_seconds
         resets = {int(k): float(t) for k, t in zip(chosen, at, strict=True)}
+    rollbacks: dict[int, float] = {}
+    n_stale = min(round(sc.stale_fraction * len(fleet)), len(fleet) - len(resets))
+    if n_stale:
+        free = np.setdiff1d(np.arange(len(fleet)), np.fromiter(resets, np.int64, len(resets)))
+        chosen = faults_rng.choice(free, n_stale, replace=False)
+        at = faults_rng.uniform(0.2, 0.6, n_stale) * sc.duration_seconds
+        rollbacks = {int(k): float(t) for k, t in zip(chosen, at, strict=True)}
     recorder.schedule(times)
     start = ready(int(times.shape[0])) if ready is not None else None
     start_wall = start_at_wall if start_at_wall is not None else start
@@ -418,6 +469,7 @@ def run_worker(
     async def main() -> None:
         sender = _Sender(spec, fleet, recorder)
         sender.resets = resets
+        sender.rollbacks = rollbacks
         sender.open_channels()
         try:
             await sender.run(times, devices, start_wall, progress)
