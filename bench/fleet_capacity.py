@@ -2,7 +2,9 @@
 
 A local stack (one shard process with TLS and device tokens, as ``omega-simulator fleet
 --local`` starts it, over Postgres: ``$OMEGA_DATABASE_URL``, the test server or the embedded
-one) is loaded by ``omega-simulator fleet`` runs of growing size. Each step is an open-loop run
+one; ``--shards N`` shards, each of ``--replicas R`` processes on one port, for the capacity of
+a bigger constellation on the same machine) is loaded by ``omega-simulator fleet`` runs of
+growing size. Each step is an open-loop run
 (syncs scheduled in advance, latency from the scheduled time) of a fleet of ``N`` devices at
 one sync per 300 s, i.e. ``N / 300`` syncs per second; with ``--compression c`` it simulates
 ``N / c`` devices at time compression ``c`` (same rate, each device syncing ``c`` times as
@@ -11,14 +13,15 @@ often). A step *holds* when its p99 is under 200 ms and at most 0.1% of its sync
 Search: the fleet doubles from ``--start`` while steps hold, then the last holding and first
 failing sizes are bisected ``--bisect`` times. For each step: the scheduled rate, p50/p99,
 errors, and where the CPU went, in cores (CPU seconds over the step's wall seconds): the
-simulator (its worker processes and this one), the shard process and Postgres (every process
-named ``postgres``, from /proc/<pid>/stat utime + stime).
+simulator (its worker processes and this one), the shard processes and Postgres (every
+process named ``postgres``, from /proc/<pid>/stat utime + stime).
 
 Usage::
 
     .venv/bin/python -m bench.fleet_capacity [--seconds 20] [--start 10000] [--quick]
 
-Prints one table and writes the ``fleet`` section of ``reports/bench.json``
+Prints one table and writes the ``fleet`` section of ``reports/bench.json`` (``fleet_<N>x<R>``
+with several shards or replicas)
 (``capacity_devices``, ``capacity_syncs_per_second``, ``limited_by``, ``steps``). Figures only:
 nothing fails on timing.
 """
@@ -192,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
         help="time compression: simulate size/c devices syncing c times as often",
     )
     parser.add_argument("--workers", type=int, default=1, help="load-generator processes")
+    parser.add_argument("--shards", type=int, default=1, help="shards of the local stack")
+    parser.add_argument(
+        "--replicas", type=int, default=1, help="processes per shard, on one port (SO_REUSEPORT)"
+    )
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="bench JSON to update")
     parser.add_argument(
         "--quick", action="store_true", help="smoke: 4 s steps from 2,000 devices, 2 steps"
@@ -202,6 +209,14 @@ def main(argv: list[str] | None = None) -> int:
     if not os.environ.get("OMEGA_DATABASE_URL"):
         os.environ["OMEGA_DATABASE_URL"] = asyncio.run(admin_dsn())
     cores = os.cpu_count() or 1
+    if args.shards < 1 or args.replicas < 1:
+        parser.error("--shards and --replicas are at least 1")
+    topology = f"{args.shards} shard(s) x {args.replicas} replica(s)"
+    section = (
+        "fleet"
+        if (args.shards, args.replicas) == (1, 1)
+        else (f"fleet_{args.shards}x{args.replicas}")
+    )
     with tempfile.TemporaryDirectory(prefix="omega-bench-fleet-") as tmp:
         work = Path(tmp)
         catalog = work / "catalog.npz"
@@ -210,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         taste = CatalogTaste.from_embeddings(ids, embeddings, 32, 0)
         stack = LocalStack(
             work,
-            1,
+            args.shards,
+            replicas=args.replicas,
             env={
                 "OMEGA_CONSTELLATION_LOG_LEVEL": "WARNING",
                 # one device syncs at most once per 5 minutes here, but with --compression
@@ -219,7 +235,10 @@ def main(argv: list[str] | None = None) -> int:
             },
             database_prefix=f"omega_bench_fleet_{os.getpid()}",
         )
-        print(f"bench-fleet: one shard, {cores} CPU(s), {args.seconds:g} s open-loop steps")
+        print(
+            f"bench-fleet: {topology}, {cores} CPU(s), {args.seconds:g} s open-loop steps",
+            flush=True,
+        )
         try:
             with stack.running(catalog, 1000):
                 steps = _search(stack, taste, args)
@@ -262,16 +281,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     print()
     if best is None:
-        print(f"capacity: no step held (p99 < {_P99_LIMIT_MS:g} ms); {limited}")
+        print(f"capacity ({topology}): no step held (p99 < {_P99_LIMIT_MS:g} ms); {limited}")
     else:
         print(
-            f"capacity: {best['devices']:,} devices at one sync per 5 minutes "
+            f"capacity ({topology}): {best['devices']:,} devices at one sync per 5 minutes "
             f"({best['scheduled_per_second']:,.0f} syncs/s, p99 {best['p99_ms']:.0f} ms); "
             f"limited by: {limited}"
         )
     write_section(
         args.json,
-        "fleet",
+        section,
         {
             "machine": machine(),
             "criterion": {
@@ -281,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
             },
             "step_seconds": args.seconds,
             "time_compression": args.compression,
-            "shards": 1,
+            "shards": args.shards,
+            "replicas_per_shard": args.replicas,
             "capacity_devices": best["devices"] if best else 0,
             "capacity_syncs_per_second": best["scheduled_per_second"] if best else 0.0,
             "capacity_p99_ms": best["p99_ms"] if best else None,
@@ -289,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             "steps": sorted(steps, key=lambda s: s["devices"]),
         },
     )
-    print(f"written to {args.json} (section fleet)")
+    print(f"written to {args.json} (section {section})")
     return 0
 
 

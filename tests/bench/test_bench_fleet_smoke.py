@@ -1,5 +1,5 @@
-"""bench-fleet end to end at a tiny size: the ``fleet`` section and its keys (figures are
-printed, not checked)."""
+"""bench-fleet end to end at a tiny size, over two shards of two replicas each: the
+``fleet_2x2`` section and its keys (figures are printed, not checked)."""
 
 from __future__ import annotations
 
@@ -19,17 +19,29 @@ def test_bench_fleet_quick_writes_its_section(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     out.write_text(json.dumps({"sync": {"kept": True}}))  # other sections survive
     run = subprocess.run(
-        [sys.executable, "-m", "bench.fleet_capacity", "--quick", "--json", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "bench.fleet_capacity",
+            "--quick",
+            "--shards",
+            "2",
+            "--replicas",
+            "2",
+            "--json",
+            str(out),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=200,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "capacity:" in run.stdout and "p99 ms" in run.stdout
+    assert "capacity (2 shard(s) x 2 replica(s)):" in run.stdout and "p99 ms" in run.stdout
     data = json.loads(out.read_text())
     assert data["sync"] == {"kept": True}
-    fleet = data["fleet"]
+    fleet = data["fleet_2x2"]
+    assert (fleet["shards"], fleet["replicas_per_shard"]) == (2, 2)
     for key in (
         "machine",
         "criterion",
