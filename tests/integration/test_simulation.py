@@ -1,4 +1,5 @@
-"""The whole loop on real MovieLens histories: devices, two shards, federation rounds."""
+"""The whole loop on real MovieLens histories: devices, two shards, federation rounds, and the
+replay's syncs written as a fleet-format report folder that `compare` accepts."""
 
 from __future__ import annotations
 
@@ -16,7 +17,10 @@ from omega_federation.accounting import RoundMechanism, epsilon_for
 from omega_federation.settings import FederationSettings
 from omega_federation.state import WorkerState
 from omega_federation.worker import run_round
+from omega_simulator.fleet_report import PLOTS, compare_reports, load_report
 from omega_simulator.replay import replay_movielens
+from omega_simulator.replay_run import write_fleet_folder
+from omega_simulator.report import SimulationReport
 from omega_simulator.settings import SimulatorSettings
 from omega_simulator.stack import write_catalog_file
 
@@ -111,3 +115,26 @@ async def test_movielens_replay_through_two_shards_and_federation(
     summary = report.syncs.summary()
     assert 0 < summary["bytes_up_median"] <= 1024
     assert "syncs ok / failed" in report.render()
+    _check_fleet_report(report, tmp_path / "fleet-replay")
+
+
+def _check_fleet_report(report: SimulationReport, folder: Path) -> None:
+    """The replay's sync log accounts for every sync and makes a fleet report folder."""
+    assert report.fleet is not None
+    rec = report.fleet.recorder
+    assert rec.total_ok == report.syncs.ok and rec.total_failed == report.syncs.failed
+    assert rec.total_scheduled == report.syncs.ok + report.syncs.failed
+    assert sorted(report.fleet.shards) == SHARDS
+    written = write_fleet_folder(report, folder)
+    for name in ("report.json", "report.md", *PLOTS):
+        assert (folder / name).stat().st_size > 0
+    loaded = load_report(folder)
+    assert loaded == written
+    f = loaded["figures"]
+    assert f["accounted"] is True and f["ok"] == report.syncs.ok and f["devices"] == 40
+    assert f["latency_ms"]["p50"] > 0 and f["bytes_up"] > 0 and f["bytes_down"] > 0
+    assert loaded["scenario"]["name"] == "replay"
+    assert loaded["run"]["wall_seconds"] == pytest.approx(report.wall_seconds, abs=1e-3)
+    assert "closed loop" in (folder / "report.md").read_text()
+    rows = compare_reports(loaded, load_report(folder / "report.json"))
+    assert rows and all(change == "=" for *_, change in rows)

@@ -6,7 +6,8 @@ credentials), the catalog's structure (``--catalog`` file, the local stack's cat
 ``FetchEmbeddings`` from the first shard), runs the fleet and writes the report folder. A
 scenario with ``faults`` puts a loopback fault proxy (`omega_simulator.fleet_proxy`) between the
 devices and every shard; its ``kill`` faults (``--local`` only) SIGKILL and restart a shard
-replica of the local stack (`omega_simulator.fleet_kill`).
+replica of the local stack (`omega_simulator.fleet_kill`). ``--scenario replay`` runs the
+MovieLens replay instead (closed loop, real viewing histories; `omega_simulator.replay_cli`).
 """
 
 from __future__ import annotations
@@ -44,11 +45,18 @@ from omega_simulator.fleet_report import (
 )
 from omega_simulator.fleet_run import run_fleet
 from omega_simulator.fleet_scenario import BUILTIN_SCENARIOS, ScenarioError, load_scenario
+from omega_simulator.replay_fleet import REPLAY_SCENARIO
 
 if TYPE_CHECKING:
     from omega_simulator.stack import LocalStack
 
-__all__ = ["add_compare_arguments", "add_fleet_arguments", "compare_main", "fleet_main"]
+__all__ = [
+    "add_compare_arguments",
+    "add_fleet_arguments",
+    "compare_main",
+    "fleet_main",
+    "parse_targets",
+]
 
 _LOCAL_CATALOG_ITEMS = 2000
 _LOCAL_CATALOG_CLUSTERS = 40
@@ -59,13 +67,19 @@ def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--scenario",
         required=True,
-        help=f"{' | '.join(BUILTIN_SCENARIOS)} or a scenario file (.toml, .yaml)",
+        help=f"{' | '.join(BUILTIN_SCENARIOS)} or a scenario file (.toml, .yaml), or "
+        f"{REPLAY_SCENARIO}: the MovieLens replay (943 real users as full brains, closed loop, "
+        "with the federation rounds and the quality report; --devices N replays the first N "
+        "users, --workers sets its threads; --duration, --time-compression, --catalog and "
+        "--metrics-port do not apply)",
     )
     parser.add_argument("--duration", type=float, help="wall seconds (overrides the scenario)")
     parser.add_argument("--time-compression", type=float, help="simulated seconds per wall second")
     parser.add_argument("--seed", type=int, help="seed of tastes, schedules and viewings")
     parser.add_argument("--workers", type=int, help="load-generator processes")
-    parser.add_argument("--devices", type=int, help="fleet size (overrides the scenario)")
+    parser.add_argument(
+        "--devices", type=int, help="fleet size (overrides the scenario; replay: first N users)"
+    )
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument(
         "--target",
@@ -113,7 +127,13 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _parse_targets(values: list[str]) -> dict[str, str]:
+def parse_targets(values: list[str]) -> dict[str, str]:
+    """Shard id -> address from ``--target [SHARD_ID=]HOST:PORT`` values (one value without
+    an id: ``default``; several: ``target-<i>``).
+
+    Raises:
+        ValueError: a value without ``HOST:PORT``.
+    """
     shards: dict[str, str] = {}
     for i, value in enumerate(values):
         shard_id, sep, address = value.rpartition("=")
@@ -169,6 +189,10 @@ def _local_stack(shards: int, work: Path, replicas: int = 1) -> Iterator[LocalSt
 
 def fleet_main(args: argparse.Namespace) -> int:
     """Run ``omega-simulator fleet``; returns the exit code."""
+    if args.scenario == REPLAY_SCENARIO:
+        from omega_simulator.replay_cli import replay_fleet_main  # MovieLens, Postgres, processes
+
+        return replay_fleet_main(args)
     try:
         scenario = load_scenario(args.scenario).with_overrides(
             duration_seconds=args.duration,
@@ -208,7 +232,7 @@ def fleet_main(args: argparse.Namespace) -> int:
             catalog: Path | None = args.catalog or work / "catalog.npz"
         else:
             try:
-                shards = _parse_targets(args.target)
+                shards = parse_targets(args.target)
                 access = FleetAccess.of(args.plaintext, args.tls_ca, args.fleet_keys)
             except (ValueError, OSError) as exc:
                 print(f"omega-simulator fleet: {exc}", file=sys.stderr)

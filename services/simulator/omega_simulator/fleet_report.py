@@ -179,6 +179,7 @@ def build_report(run: FleetRun) -> dict[str, Any]:
             "workers": sc.workers,
             "worker_cpu_seconds": [round(c, 3) for c in run.worker_cpu_seconds],
             "lost_workers": run.lost_workers,
+            "closed_loop": run.closed_loop,
             "window_seconds": ws,
         },
         "figures": {
@@ -240,7 +241,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"# Fleet run: {sc['name']}",
         "",
         f"{sc['description'] or sc['name']}. Started {run['started_at']}, "
-        f"{run['wall_seconds']:.1f} s wall, {run['workers']} worker process(es), "
+        f"{run['wall_seconds']:.1f} s wall, {run['workers']} "
+        f"{'thread(s)' if run.get('closed_loop') else 'worker process(es)'}, "
         f"target {', '.join(f'{k}={v}' for k, v in run['shards'].items())}.",
         "",
         f"{sc['devices']:,} devices, one sync per {sc['sync_interval_seconds']:g} s simulated, "
@@ -259,7 +261,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         )
         + ".",
         "",
-        "Open loop: every sync scheduled in advance; latency from its scheduled time.",
+        (
+            "Closed loop: no schedule; each sync counts as scheduled when its device started "
+            "it, latency from then to its answer."
+            if run.get("closed_loop")
+            else "Open loop: every sync scheduled in advance; latency from its scheduled time."
+        ),
         "",
         "| figure | value |",
         "| --- | ---: |",

@@ -62,6 +62,9 @@ class FleetRun:
     """With faults: ``{"shards": the real addresses, "stats": FaultProxies.stats()}``."""
     kills: list[dict[str, Any]] = field(default_factory=list)
     """With ``kill`` faults: `omega_simulator.fleet_kill.ReplicaKills.events`."""
+    closed_loop: bool = False
+    """True for a run without a schedule (the replay): each sync counts as scheduled when its
+    device started it, so its latency does not include waiting for an earlier one."""
 
 
 def _progress_table(scenario: Scenario, figures: dict[int, dict[str, Any]], t: float) -> Table:

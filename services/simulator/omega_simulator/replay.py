@@ -4,14 +4,15 @@ One device per user (`omega_brain.Brain`, its own SQLite store), its training ra
 order as viewing events (rating >= 4 completed, <= 2 abandoned, 3 half-watched), a sync every
 ``sync_every_events`` events and at the end of each phase, a federation round between phases,
 then recommendations on the chronological hold-out (ARCHITECTURE.md section 8) for a
-popularity baseline, the local-only brain and the federated brain.
+popularity baseline, the local-only brain and the federated brain. Every sync is also logged
+(`omega_simulator.replay_fleet.SyncLog`) for a fleet-format report of the run
+(``SimulationReport.fleet``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from omega_data import (
 )
 from omega_protocol import shard_for
 from omega_simulator.access import FleetAccess
+from omega_simulator.replay_fleet import SyncLog, replay_fleet_run
 from omega_simulator.report import QualityRow, SimulationReport, SyncStats
 from omega_simulator.settings import SimulatorSettings
 
@@ -68,7 +70,9 @@ def _phase_slice(n: int, phase: int, phases: int) -> slice:
     return slice(n * phase // phases, n * (phase + 1) // phases)
 
 
-def _replay_phase(device: Device, phase: int, settings: SimulatorSettings) -> SyncStats:
+def _replay_phase(
+    device: Device, phase: int, settings: SimulatorSettings, log: SyncLog
+) -> SyncStats:
     stats = SyncStats()
     chunk = device.events[_phase_slice(len(device.events), phase, settings.phases)]
     pending = 0
@@ -77,16 +81,18 @@ def _replay_phase(device: Device, phase: int, settings: SimulatorSettings) -> Sy
         device.brain.observe(event)
         pending += 1
         if pending >= settings.sync_every_events:
-            _sync(device, stats)
+            _sync(device, stats, log)
             pending = 0
     if pending:
-        _sync(device, stats)
+        _sync(device, stats, log)
     return stats
 
 
-def _sync(device: Device, stats: SyncStats) -> None:
-    """One sync of ``device``, recorded in ``stats``."""
+def _sync(device: Device, stats: SyncStats, log: SyncLog) -> None:
+    """One sync of ``device``, recorded in ``stats`` and ``log``."""
+    called_at = log.now()
     result = device.brain.sync()
+    log.record(called_at, result)
     if result.ok:
         stats.ok += 1
         stats.bytes_up.append(result.bytes_up)
@@ -101,9 +107,9 @@ def _sync(device: Device, stats: SyncStats) -> None:
         stats.errors[key] = stats.errors.get(key, 0) + 1
 
 
-def _final_pull(device: Device) -> SyncStats:
+def _final_pull(device: Device, log: SyncLog) -> SyncStats:
     stats = SyncStats()
-    _sync(device, stats)
+    _sync(device, stats, log)
     return stats
 
 
@@ -150,9 +156,11 @@ def replay_movielens(
         access: TLS trust and device credentials (None: plaintext, no credentials).
 
     Returns:
-        The report; raises nothing for failed syncs (they are counted).
+        The report, with every sync also in ``report.fleet`` (a closed-loop `FleetRun` for
+        `omega_simulator.fleet_report.write_report`); raises nothing for failed syncs (they
+        are counted).
     """
-    started = time.perf_counter()
+    log = SyncLog()
     work_dir.mkdir(parents=True, exist_ok=True)
     ml = movielens or load_movielens()
     splits = chronological_split(ml, settings.train_fraction)
@@ -187,14 +195,14 @@ def replay_movielens(
         events = sum(len(d.events) for d in devices)
         with ThreadPoolExecutor(max_workers=settings.workers) as pool:
             for phase in range(settings.phases):
-                t0 = time.perf_counter()
-                work = functools.partial(_replay_phase, phase=phase, settings=settings)
+                t0 = log.now()
+                work = functools.partial(_replay_phase, phase=phase, settings=settings, log=log)
                 for s in pool.map(work, devices):
                     stats.merge(s)
                 progress(
                     f"phase {phase + 1}/{settings.phases}: {len(devices)} devices,"
                     f" syncs ok {stats.ok} failed {stats.failed}"
-                    f" ({time.perf_counter() - t0:.1f} s)"
+                    f" ({log.now() - t0:.1f} s)"
                 )
                 rounds.append(run_round(dict(MODEL_OFF)))
                 r = rounds[-1]
@@ -203,9 +211,10 @@ def replay_movielens(
                     f" exported, {r.get('patterns_published')} global patterns,"
                     f" {r.get('trending_published')} trending, epsilon {r.get('epsilon', 0):.2f}"
                 )
+            pull = functools.partial(_final_pull, log=log)
             for _ in range(1 + model_rounds):
                 # Every device syncs: sends its contribution for the model version it holds.
-                for s in pool.map(_final_pull, devices):
+                for s in pool.map(pull, devices):
                     stats.merge(s)
                 rounds.append(run_round(dict(model_env)))
                 m = rounds[-1].get("model", {})
@@ -216,7 +225,7 @@ def replay_movielens(
                 )
                 # ... and syncs again to fetch what the round published (after the last
                 # round: before it is asked for recommendations).
-                for s in pool.map(_final_pull, devices):
+                for s in pool.map(pull, devices):
                     stats.merge(s)
         quality = _evaluate(devices, splits, len(ml.items))
         patterns_stored = sum(d.patterns_stored for d in devices)
@@ -225,6 +234,7 @@ def replay_movielens(
     finally:
         for transport in transports.values():
             transport.close()
+    wall = log.now()
     return SimulationReport(
         devices=len(devices),
         shards=len(shard_ids),
@@ -233,8 +243,17 @@ def replay_movielens(
         patterns_stored=patterns_stored,
         rounds=rounds,
         quality=quality,
-        wall_seconds=time.perf_counter() - started,
+        wall_seconds=wall,
         settings=settings.model_dump(mode="json"),
+        fleet=replay_fleet_run(
+            log,
+            shards=shards,
+            devices=len(devices),
+            workers=settings.workers,
+            seed=settings.seed,
+            rpc_timeout_seconds=base_config.timeout_seconds,
+            wall_seconds=wall,
+        ),
     )
 
 

@@ -6,9 +6,12 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from omega_simulator.fleet_run import FleetRun
 
 __all__ = ["QualityRow", "SimulationReport", "SyncStats"]
 
@@ -86,6 +89,9 @@ class SimulationReport:
     """Other replays merged into this report (`add_run`): their privacy and sync figures."""
     privacy_curve: list[dict[str, float]] = field(default_factory=list)
     """Precision@10 per epsilon budget (``omega_simulator.privacy_plot``)."""
+    fleet: FleetRun | None = None
+    """This replay's syncs as a closed-loop fleet run (`omega_simulator.replay_fleet`), for
+    `omega_simulator.fleet_report.write_report`; not part of `to_json`."""
 
     FEDERATED = "brain, federated"
     """Name `replay_movielens` gives the federated brain's quality row."""
