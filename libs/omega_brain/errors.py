@@ -28,6 +28,10 @@ RETRYABLE_STATUS_CODES: frozenset[grpc.StatusCode] = frozenset(
         grpc.StatusCode.DEADLINE_EXCEEDED,
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         grpc.StatusCode.ABORTED,
+        # An overloaded replica's gRPC core drops calls its event loop has not taken yet
+        # (constellation ``max_pending_calls``) before any handler ran; the brain never
+        # cancels its own calls, and every call it makes is idempotent.
+        grpc.StatusCode.CANCELLED,
     }
 )
 """gRPC status codes after which the same request may succeed when retried later."""

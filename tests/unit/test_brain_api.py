@@ -106,6 +106,7 @@ class _FakeRpcError(grpc.RpcError):  # type: ignore[misc]  # grpc ships no type 
         (grpc.StatusCode.DEADLINE_EXCEEDED, True),
         (grpc.StatusCode.RESOURCE_EXHAUSTED, True),
         (grpc.StatusCode.ABORTED, True),
+        (grpc.StatusCode.CANCELLED, True),  # an overloaded replica's core dropped the call
         (grpc.StatusCode.INVALID_ARGUMENT, False),
         (grpc.StatusCode.PERMISSION_DENIED, False),
     ],

@@ -187,6 +187,16 @@ class ConstellationSettings(ServiceSettings):
         le=100_000,
         description="RPCs one server handles at once; past it gRPC answers RESOURCE_EXHAUSTED.",
     )
+    max_pending_calls: int = Field(
+        1000,
+        ge=1,
+        le=1_000_000,
+        description="Calls gRPC core holds for the device listener before the replica's event "
+        "loop takes them (grpc.server.max_pending_requests; the hard limit is 3x). Past it, "
+        "under overload, new calls are dropped at random, then all, before any handler runs: "
+        "clients see CANCELLED (the brain retries it). Lower bounds the queueing delay of an "
+        "overloaded replica (about this / its syncs per second); gRPC's default is 1000.",
+    )
     sync_batch_max: int = Field(
         256,
         ge=1,
