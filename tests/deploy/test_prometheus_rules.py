@@ -35,6 +35,7 @@ ALERTS = {
     "OmegaDatabaseDown",
     "OmegaFederationRoundFailing",
     "OmegaFederationRoundLate",
+    "OmegaModelCatchUpFailing",
     "OmegaPrivacyBudgetNearlySpent",
 }
 # Metrics the rules may read besides the services' own: Prometheus' `up`, and the process

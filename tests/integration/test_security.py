@@ -177,6 +177,9 @@ async def test_federation_api_is_closed_to_devices_and_strangers(
         )
         page = await sync.FetchEmbeddings(sync_pb2.FetchEmbeddingsRequest(), metadata=worker)
         assert len(page.items) > 0
+        # The worker reads a shard's whole model to send it to a shard whose model is behind.
+        model = await sync.FetchModel(sync_pb2.FetchModelRequest(), metadata=worker)
+        assert model.model_version == 0 and not model.rows
     assert secure.service.global_view.version == 0
 
 

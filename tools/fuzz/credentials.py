@@ -23,7 +23,7 @@ expected when the request itself is acceptable:
   UNAUTHENTICATED.
 - ``service@device``: the worker's service token on the device listener: PERMISSION_DENIED.
 - ``service@internal``: the worker's service token on the internal listener: it reaches
-  validation (Federation, FetchEmbeddings), PERMISSION_DENIED elsewhere.
+  validation (Federation, FetchEmbeddings, FetchModel), PERMISSION_DENIED elsewhere.
 - ``device@internal``: a device token (own id) on the internal listener: PERMISSION_DENIED.
 - ``intruder@internal``: a valid token of a service the listener does not accept:
   PERMISSION_DENIED.

@@ -194,6 +194,25 @@ def _publish(catalog_ids: Sequence[str]) -> SeedBuilder:
     return build
 
 
+def _snapshot(catalog_ids: Sequence[str]) -> SeedBuilder:
+    def build(rng: random.Random, index: int) -> bytes:
+        ids = list(catalog_ids[:2]) or ["c0000", "c0001"]
+        return federation_pb2.PublishModelSnapshotRequest(
+            model_version=index + 1,
+            factors=_FACTORS,
+            item_factors=[
+                patterns_pb2.ItemFactorRow(
+                    content_id=c,
+                    factor=encode_embedding(_unit(rng, _FACTORS)),
+                    model_version=index + 1,
+                )
+                for c in ids
+            ],
+        ).SerializeToString()
+
+    return build
+
+
 def _health(rng: random.Random, index: int) -> bytes:
     request = health_pb2.HealthCheckRequest(service=rng.choice(["", "omega.v1.ConstellationSync"]))
     return bytes(request.SerializeToString())
@@ -228,6 +247,7 @@ def seed_builders(catalog_ids: Sequence[str]) -> dict[str, SeedBuilder]:
         "/omega.v1.ConstellationSync/ForgetDevice": _forget,
         "/omega.v1.Federation/ExportPatterns": _export,
         "/omega.v1.Federation/PublishRound": _publish(catalog_ids),
+        "/omega.v1.Federation/PublishModelSnapshot": _snapshot(catalog_ids),
         "/grpc.health.v1.Health/Check": _health,
         "/grpc.health.v1.Health/Watch": _health,
         "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": _reflection,

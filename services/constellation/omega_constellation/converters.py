@@ -64,6 +64,7 @@ __all__ = [
     "TrendingRow",
     "ValidatedDelta",
     "ValidatedRound",
+    "ValidatedSnapshot",
     "catalog_embeddings",
     "catalog_query_from_request",
     "delta_from_request",
@@ -77,6 +78,7 @@ __all__ = [
     "model_query_from_request",
     "publish_from_request",
     "search_query_from_request",
+    "snapshot_from_request",
 ]
 
 _MAX_PAGE: Final[int] = 1000
@@ -217,6 +219,22 @@ class ValidatedRound:
     trending: list[TrendingRow]
     item_factors: list[ItemFactorRecord]
     factors: int
+
+
+@dataclass(frozen=True, slots=True)
+class ValidatedSnapshot:
+    """A `PublishModelSnapshotRequest` that passed every check: the whole model at one version.
+
+    Attributes:
+        model_version: The version of the model (>= 1).
+        factors: Factors per item.
+        item_factors: Every row, each with the version that last changed it (<=
+            ``model_version``); a row without codes has left the model.
+    """
+
+    model_version: int
+    factors: int
+    item_factors: list[ItemFactorRecord]
 
 
 @dataclass(frozen=True, slots=True)
@@ -534,17 +552,43 @@ def global_patterns_page(
     return message, (end if end < len(patterns) else 0)
 
 
-def _item_factors(request: federation_pb2.PublishRoundRequest) -> list[ItemFactorRecord]:
-    """Validate the model rows of a round (a row without a factor left the model)."""
-    factors = request.factors
+def _item_factors(
+    item_factors: Sequence[patterns_pb2.ItemFactorRow],
+    factors: int,
+    version: int,
+    *,
+    own_versions: bool = False,
+) -> list[ItemFactorRecord]:
+    """Validate model rows (a row without a factor left the model).
+
+    Args:
+        item_factors: The wire rows.
+        factors: Factors per item of every row.
+        version: The model version the rows belong to.
+        own_versions: Keep each row's ``model_version`` (the version that last changed it,
+            in [1, ``version``]; 0 means ``version``), as a snapshot does; otherwise (a round)
+            every row gets ``version``.
+
+    Raises:
+        InvalidArgumentError: see `publish_from_request`; with ``own_versions`` also a row
+            version above ``version``.
+    """
     if not 1 <= factors <= MAX_MODEL_FACTORS:
         raise InvalidArgumentError(f"factors must be in [1, {MAX_MODEL_FACTORS}], got {factors}")
-    _unique((r.content_id for r in request.item_factors), "item_factors")  # cheap checks first
+    _unique((r.content_id for r in item_factors), "item_factors")  # cheap checks first
     rows: list[ItemFactorRecord] = []
-    for i, row in enumerate(request.item_factors):
+    for i, row in enumerate(item_factors):
         what = f"item_factors[{i}]"
         cid = check_id(row.content_id, f"{what}.content_id", MAX_CONTENT_ID_CHARS)
         check_int64(row.model_version, f"{what}.model_version")
+        row_version = version
+        if own_versions and row.model_version:
+            if row.model_version > version:
+                raise InvalidArgumentError(
+                    f"{what}.model_version {row.model_version} is above the snapshot's"
+                    f" version {version}"
+                )
+            row_version = row.model_version
         codes: bytes | None = None
         scale: float | None = None
         if row.HasField("factor"):
@@ -562,8 +606,30 @@ def _item_factors(request: federation_pb2.PublishRoundRequest) -> list[ItemFacto
             else:
                 q, s = quantize_int8(vector)
                 codes, scale = q.tobytes(), float(s)
-        rows.append(ItemFactorRecord(cid, codes, scale, request.round))
+        rows.append(ItemFactorRecord(cid, codes, scale, row_version))
     return rows
+
+
+def snapshot_from_request(
+    request: federation_pb2.PublishModelSnapshotRequest,
+) -> ValidatedSnapshot:
+    """Validate a `PublishModelSnapshotRequest` (the whole model at one version).
+
+    Raises:
+        InvalidArgumentError: model version 0 or above 2^63 - 1, no rows, or rows refused as
+            a round's are (`publish_from_request`), or a row version above the snapshot's.
+    """
+    if request.model_version == 0:
+        raise InvalidArgumentError("model_version must be >= 1")
+    check_int64(request.model_version, "model_version")
+    if not request.item_factors:
+        raise InvalidArgumentError("a model snapshot needs at least one row")
+    rows = _item_factors(
+        request.item_factors, request.factors, request.model_version, own_versions=True
+    )
+    return ValidatedSnapshot(
+        model_version=request.model_version, factors=request.factors, item_factors=rows
+    )
 
 
 def publish_from_request(request: federation_pb2.PublishRoundRequest) -> ValidatedRound:
@@ -623,7 +689,11 @@ def publish_from_request(request: federation_pb2.PublishRoundRequest) -> Validat
         if not math.isfinite(t.score):
             raise InvalidArgumentError(f"trending[{i}].score must be finite")
         trending.append(TrendingRow(content_id=t.content_id, score=t.score))
-    item_factors = _item_factors(request) if request.item_factors else []
+    item_factors = (
+        _item_factors(request.item_factors, request.factors, request.round)
+        if request.item_factors
+        else []
+    )
     return ValidatedRound(
         round=request.round,
         patterns=rows,

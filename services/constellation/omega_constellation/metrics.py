@@ -14,6 +14,7 @@ __all__ = [
     "GLOBAL_PATTERNS_HELD",
     "GLOBAL_VERSION",
     "LOAD",
+    "MODEL_SNAPSHOTS_APPLIED",
     "MODEL_UPDATES_STORED",
     "MODEL_VERSION",
     "NEXT_SYNC_AFTER",
@@ -64,6 +65,10 @@ DEVICE_SYNCS_FAILED = Counter(
 MODEL_UPDATES_STORED = Counter(
     "omega_constellation_model_updates_received_total",
     "Devices' item-factor model updates stored by applied deltas.",
+)
+MODEL_SNAPSHOTS_APPLIED = Counter(
+    "omega_constellation_model_snapshots_applied_total",
+    "Whole-model snapshots from the federation worker that replaced a model behind its own.",
 )
 MODEL_VERSION = Gauge(
     "omega_constellation_model_version", "Version of the cached item-factor model (0: none)."

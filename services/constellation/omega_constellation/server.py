@@ -43,11 +43,12 @@ DEVICE_SERVICES = (_SYNC,)
 """Services of the device listener."""
 INTERNAL_SERVICES = (_FEDERATION, _SYNC)
 """Services of the internal listener; its service credential may only call `WORKER_METHODS`."""
-WORKER_METHODS = (f"/{_FEDERATION}/", f"/{_SYNC}/FetchEmbeddings")
+WORKER_METHODS = (f"/{_FEDERATION}/", f"/{_SYNC}/FetchEmbeddings", f"/{_SYNC}/FetchModel")
+"""What the federation worker's credential may call on the internal listener (FetchModel: it
+reads the whole model from a shard to send it to a shard whose model is behind)."""
 LIVENESS_SERVICE = "liveness"
 """Health service name of the probe listener that stays SERVING while the process answers
 (Kubernetes liveness must not follow the database: an outage would restart every replica)."""
-"""What the federation worker's credential may call on the internal listener."""
 INTERNAL_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 """Receive limit of the internal listener (a whole model's publish fits several times over)."""
 

@@ -20,11 +20,18 @@ from omega_constellation.converters import (
     TrendingRow,
     ValidatedDelta,
     ValidatedRound,
+    ValidatedSnapshot,
 )
 from omega_constellation.group_commit import GroupCommitter
 from omega_constellation.model import ModelPage, ModelView
 from omega_constellation.settings import ConstellationSettings
-from omega_constellation.store import ExportedUpdateRow, ExportRow, ShardStore, SyncOutcome
+from omega_constellation.store import (
+    ExportedUpdateRow,
+    ExportRow,
+    ShardStore,
+    SnapshotOutcome,
+    SyncOutcome,
+)
 from omega_protocol import shard_for
 
 __all__ = ["ConstellationService", "GlobalView", "SyncDecision"]
@@ -277,3 +284,17 @@ class ConstellationService:
         if published.item_factors:
             await self.refresh_model(published.round)
         return result
+
+    async def publish_model_snapshot(self, snapshot: ValidatedSnapshot) -> SnapshotOutcome:
+        """Replace the stored model by a newer whole one (`ShardStore.publish_model_snapshot`)
+        and serve it at once.
+
+        Raises:
+            InvalidArgumentError: the snapshot's version is above the shard's global version
+                (nothing written).
+        """
+        outcome = await self.store.publish_model_snapshot(snapshot)
+        if outcome.applied:
+            metrics.MODEL_SNAPSHOTS_APPLIED.inc()
+            await self.refresh_model(outcome.model_version)
+        return outcome

@@ -24,6 +24,7 @@ from omega_constellation.converters import (
     model_query_from_request,
     publish_from_request,
     search_query_from_request,
+    snapshot_from_request,
 )
 from omega_constellation.model import ModelPage
 from omega_constellation.pacing import SyncPacer
@@ -301,7 +302,9 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
     async def PublishRound(
         self, request: federation_pb2.PublishRoundRequest, context: grpc.aio.ServicerContext
     ) -> federation_pb2.PublishRoundResponse:
-        """Store a federation round once (a repeated round is acknowledged, not applied)."""
+        """Store a federation round once (a repeated round is acknowledged, not applied); the
+        answer carries the shard's model version after it (the worker catches a shard whose
+        model is behind up with PublishModelSnapshot)."""
         published = publish_from_request(request)
         version, stored, duplicate = await self._service.publish(
             published,
@@ -309,6 +312,23 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
             cumulative_epsilon=request.cumulative_epsilon,
             noise_multiplier=request.noise_multiplier,
         )
+        model = await self._service.store.model_state()
         return federation_pb2.PublishRoundResponse(
-            global_version=version, patterns_stored=stored, duplicate=duplicate
+            global_version=version,
+            patterns_stored=stored,
+            duplicate=duplicate,
+            model_version=model.version,
+        )
+
+    async def PublishModelSnapshot(
+        self,
+        request: federation_pb2.PublishModelSnapshotRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> federation_pb2.PublishModelSnapshotResponse:
+        """Replace the shard's model by a newer whole one (an older or equal one is a no-op)."""
+        outcome = await self._service.publish_model_snapshot(snapshot_from_request(request))
+        return federation_pb2.PublishModelSnapshotResponse(
+            model_version=outcome.model_version,
+            applied=outcome.applied,
+            rows_stored=outcome.rows_stored,
         )

@@ -26,6 +26,7 @@ from omega_constellation.converters import (
     TrendingRow,
     ValidatedDelta,
     ValidatedRound,
+    ValidatedSnapshot,
 )
 from omega_constellation.global_selection import SyncAnswerFilter
 
@@ -35,6 +36,7 @@ __all__ = [
     "ExportRow",
     "ExportedUpdateRow",
     "ShardStore",
+    "SnapshotOutcome",
     "SyncOutcome",
     "device_key",
 ]
@@ -66,6 +68,21 @@ class SyncOutcome:
     patterns_stored: int  # patterns the shard holds for the device after this sync
     global_version: int
     model_version: int = 0  # the shard's model version when the sync was applied
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotOutcome:
+    """What publishing a model snapshot did (`ShardStore.publish_model_snapshot`).
+
+    Attributes:
+        model_version: The shard's model version after the call.
+        applied: False when the shard already held that version or a newer one.
+        rows_stored: Rows written (0 when not applied).
+    """
+
+    model_version: int
+    applied: bool
+    rows_stored: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -669,6 +686,69 @@ class ShardStore:
         await self._set_state(conn, _MODEL_FACTORS, str(published.factors))
 
     # ---- item-factor model -------------------------------------------------------------------
+
+    async def publish_model_snapshot(self, snapshot: ValidatedSnapshot) -> SnapshotOutcome:
+        """Make the stored model exactly ``snapshot`` (the whole model at a newer version).
+
+        One transaction, serialized with `publish_round`. Rows keep their own versions (so a
+        new shard holds what the others do, version for version), except a row whose content
+        differs from the stored one while its snapshot version is not above the shard's
+        current model version: it gets the snapshot's version, so that every device of this
+        shard (at most at the current version) fetches it. Rows the shard holds with a factor
+        that the snapshot lacks leave the model (NULL factor, the snapshot's version). Device
+        model updates computed against older versions are deleted, as a round's model does.
+
+        Returns:
+            The outcome; ``applied`` is False (nothing written) when the shard's model version
+            is already at or above the snapshot's: a repeated snapshot is a no-op, and an
+            older one never moves the model backwards.
+
+        Raises:
+            InvalidArgumentError: the snapshot's version is above the shard's global version
+                (the worker publishes the round before the model; nothing written).
+        """
+        version, rows = snapshot.model_version, snapshot.item_factors
+        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            await conn.execute("LOCK TABLE published_rounds IN EXCLUSIVE MODE")
+            held = await self._model_state(conn)
+            if version <= held.version:
+                return SnapshotOutcome(held.version, applied=False, rows_stored=0)
+            global_version = await self._global_version(conn)
+            if version > global_version:
+                raise InvalidArgumentError(
+                    f"model version {version} is above the shard's global version"
+                    f" {global_version}: publish the round first"
+                )
+            ids = [r.content_id for r in rows]
+            await conn.execute(
+                "INSERT INTO item_factors (content_id, factor, factor_scale, model_version)"
+                " SELECT * FROM unnest($1::text[], $2::bytea[], $3::real[], $4::bigint[])"
+                " ON CONFLICT (content_id) DO UPDATE SET factor = EXCLUDED.factor,"
+                " factor_scale = EXCLUDED.factor_scale, model_version = CASE"
+                "  WHEN item_factors.factor IS NOT DISTINCT FROM EXCLUDED.factor"
+                "   AND item_factors.factor_scale IS NOT DISTINCT FROM EXCLUDED.factor_scale"
+                "   THEN GREATEST(item_factors.model_version, EXCLUDED.model_version)"
+                "  WHEN EXCLUDED.model_version > $5 THEN EXCLUDED.model_version"
+                "  ELSE $6 END",
+                ids,
+                [r.codes for r in rows],
+                [r.scale for r in rows],
+                [r.model_version for r in rows],
+                held.version,
+                version,
+            )
+            await conn.execute(
+                "UPDATE item_factors f SET factor = NULL, factor_scale = NULL, model_version = $1"
+                " WHERE f.factor IS NOT NULL AND NOT EXISTS"
+                " (SELECT 1 FROM unnest($2::text[]) AS s(content_id)"
+                "  WHERE s.content_id = f.content_id)",
+                version,
+                ids,
+            )
+            await conn.execute("DELETE FROM model_updates WHERE model_version < $1", version)
+            await self._set_state(conn, _MODEL_VERSION, str(version))
+            await self._set_state(conn, _MODEL_FACTORS, str(snapshot.factors))
+        return SnapshotOutcome(version, applied=True, rows_stored=len(rows))
 
     @staticmethod
     async def _model_state(conn: asyncpg.Connection) -> ModelState:

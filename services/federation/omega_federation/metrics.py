@@ -9,6 +9,7 @@ __all__ = [
     "LAST_SUCCESS",
     "MODEL_EPSILON",
     "MODEL_EPSILON_BUDGET",
+    "MODEL_SNAPSHOTS",
     "PATTERNS_EXPORTED",
     "ROUNDS",
     "ROUND_INTERVAL",
@@ -45,3 +46,11 @@ MODEL_EPSILON_BUDGET = Gauge(
     "omega_federation_model_epsilon_budget",
     "Cumulative epsilon the collaborative model's ledger may spend (+Inf: no limit).",
 )
+MODEL_SNAPSHOTS = Counter(
+    "omega_federation_model_snapshots_total",
+    "Whole-model snapshots sent to shards whose model was behind the worker's, by outcome "
+    "(sent: the shard took it; failed: retried next round).",
+    ["status"],
+)
+for _status in ("sent", "failed"):
+    MODEL_SNAPSHOTS.labels(_status)

@@ -12,7 +12,10 @@ A round (ARCHITECTURE.md section 4):
 5. trends from noisy view counts, decayed per hour (`trends`);
 6. the collaborative model: create it or take one noisy subspace-iteration step from the
    devices' model updates, charged to its privacy ledger (`model_round`);
-7. checkpoint the round, publish it to every shard (idempotent per round), mark it published.
+7. checkpoint the round, publish it to every shard (idempotent per round);
+8. send the whole model to every shard whose model version is behind the worker's (a shard
+   added later or restored; `model_catchup`: a failure is logged and retried next round);
+9. mark the round published.
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import numpy as np
@@ -39,8 +42,10 @@ from omega_federation.aggregation import (
     release_round,
 )
 from omega_federation.codebook import Codebook
+from omega_federation.model_catchup import CatchUpReport, catch_up_models, shard_model_versions
 from omega_federation.model_round import ModelSettings, ModelState, model_round
 from omega_federation.privacy import PrivacyAccountant, PrivacyParams
+from omega_federation.rpc import call_shard
 from omega_federation.settings import FederationSettings
 from omega_federation.state import RoundRecord, ShardMark, WorkerState
 from omega_federation.trends import trend_scores
@@ -61,8 +66,6 @@ from omega_protocol.model_update import (
 __all__ = ["RoundReport", "run_periodic", "run_round"]
 
 _log = structlog.get_logger(component="federation")
-_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
-T = TypeVar("T")
 
 
 @dataclass
@@ -160,18 +163,6 @@ class _Rows:
         )
 
 
-async def _call(what: str, attempts: int, fn: Callable[[], Awaitable[T]]) -> T:
-    """Call a shard RPC, retrying UNAVAILABLE/DEADLINE_EXCEEDED with backoff."""
-    for attempt in range(1, attempts + 1):
-        try:
-            return await fn()
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() not in _RETRYABLE or attempt == attempts:
-                raise UnavailableError(f"{what}: {exc.code().name} {exc.details()}") from exc
-            await asyncio.sleep(min(2.0, 0.2 * 2**attempt))
-    raise AssertionError("unreachable")
-
-
 async def _export_shard(
     shard_id: str,
     stub: federation_pb2_grpc.FederationStub,
@@ -222,7 +213,7 @@ async def _export_shard(
             await asyncio.to_thread(sink.accumulator.add, pending.contributions())
         return sink, version, watermark
 
-    sink, shard_version, watermark = await _call(
+    sink, shard_version, watermark = await call_shard(
         f"export from {shard_id}", settings.rpc_attempts, once
     )
     # Views tagged with rounds up to the shard's current version are now counted.
@@ -295,20 +286,37 @@ def _publish_request(
 
 
 async def _publish(
-    stubs: Mapping[str, federation_pb2_grpc.FederationStub],
+    channels: Mapping[str, grpc.aio.Channel],
     request: federation_pb2.PublishRoundRequest,
     settings: FederationSettings,
-) -> dict[str, int]:
-    async def one(shard_id: str, stub: federation_pb2_grpc.FederationStub) -> tuple[str, int]:
-        response = await _call(
+    model_version: int,
+) -> tuple[dict[str, int], CatchUpReport]:
+    """Publish a round to every shard, then catch up the shards whose model is behind
+    ``model_version`` (the worker's, after this round; see `model_catchup`).
+
+    Returns:
+        (shard id -> patterns stored, the catch-up's report).
+
+    Raises:
+        UnavailableError: a shard could not take the round (a failed catch-up does not raise).
+    """
+
+    async def one(
+        shard_id: str, stub: federation_pb2_grpc.FederationStub
+    ) -> tuple[str, federation_pb2.PublishRoundResponse]:
+        response = await call_shard(
             f"publish to {shard_id}",
             settings.rpc_attempts,
             lambda: stub.PublishRound(request, timeout=settings.rpc_timeout_seconds),
         )
-        return shard_id, response.patterns_stored
+        return shard_id, response
 
-    results = await asyncio.gather(*(one(s, stub) for s, stub in stubs.items()))
-    return dict(results)
+    stubs = {s: federation_pb2_grpc.FederationStub(c) for s, c in channels.items()}
+    responses = dict(await asyncio.gather(*(one(s, stub) for s, stub in stubs.items())))
+    catch_up = await catch_up_models(
+        channels, shard_model_versions(responses), model_version, settings
+    )
+    return {s: r.patterns_stored for s, r in responses.items()}, catch_up
 
 
 async def run_round(
@@ -320,17 +328,18 @@ async def run_round(
 
     Raises:
         UnavailableError: a shard could not be reached after retries (nothing is published,
-            the round is not recorded, watermarks do not move).
+            the round is not recorded, watermarks do not move). A shard that could not be
+            sent the model it lacks does not raise: it is logged, counted in the round's
+            ``model_snapshots_failed`` and tried again next round (`model_catchup`).
     """
     started = time.perf_counter()
-    stubs = {s: federation_pb2_grpc.FederationStub(c) for s, c in channels.items()}
     if not await state.try_lock():
         _log.info("round_skipped", reason="another worker holds the round lock")
         return RoundReport(None, "skipped_locked")
     try:
         latest = await state.latest()
         if latest is not None and latest.status == "aggregated":
-            return await _resume(latest, stubs, settings, state, started)
+            return await _resume(latest, channels, settings, state, started)
         return await _new_round(latest, channels, settings, state, started)
     finally:
         await state.unlock()
@@ -338,14 +347,17 @@ async def run_round(
 
 async def _resume(
     record: RoundRecord,
-    stubs: Mapping[str, federation_pb2_grpc.FederationStub],
+    channels: Mapping[str, grpc.aio.Channel],
     settings: FederationSettings,
     state: WorkerState,
     started: float,
 ) -> RoundReport:
     request = federation_pb2.PublishRoundRequest.FromString(record.payload)
-    stored = await _publish(stubs, request, settings)
-    await state.mark_published(record.round_id, {**record.figures, "resumed": True})
+    model_version = ModelState.from_dict(record.model).version
+    stored, catch_up = await _publish(channels, request, settings, model_version)
+    await state.mark_published(
+        record.round_id, {**record.figures, **catch_up.figures(), "resumed": True}
+    )
     metrics.ROUNDS.labels("resumed").inc()
     _log.info("round_resumed", round=record.round_id)
     return RoundReport(
@@ -357,6 +369,7 @@ async def _resume(
         cumulative_epsilon=request.cumulative_epsilon,
         seconds=time.perf_counter() - started,
         shards=stored,
+        model=catch_up.figures(),
     )
 
 
@@ -489,7 +502,9 @@ async def _new_round(
         figures,
         model_state.to_dict(),
     )
-    stored = await _publish(stubs, request, settings)
+    stored, catch_up = await _publish(channels, request, settings, model_state.version)
+    figures.update(catch_up.figures())
+    model_figures.update(catch_up.figures())
     await state.mark_published(round_id, figures)
     seconds = time.perf_counter() - started
     metrics.ROUNDS.labels("published").inc()

@@ -202,21 +202,103 @@ class PublishRoundResponse(_message.Message):
     GLOBAL_VERSION_FIELD_NUMBER: _builtins.int
     PATTERNS_STORED_FIELD_NUMBER: _builtins.int
     DUPLICATE_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
     global_version: _builtins.int
     patterns_stored: _builtins.int
     duplicate: _builtins.bool
     """True when this round had been published to the shard before."""
+    model_version: _builtins.int
+    """The item-factor model version the shard holds after this call (0: none). Unset from a
+    shard older than this field. The worker sends a shard whose version is below its own
+    current model version the whole model with PublishModelSnapshot.
+    """
     def __init__(
         self,
         *,
         global_version: _builtins.int = ...,
         patterns_stored: _builtins.int = ...,
         duplicate: _builtins.bool = ...,
+        model_version: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_model_version", b"_model_version", "model_version", b"model_version"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_model_version", b"_model_version", "duplicate", b"duplicate", "global_version", b"global_version", "model_version", b"model_version", "patterns_stored", b"patterns_stored"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__model_version: _TypeAlias = _typing.Literal["model_version"]  # noqa: Y015
+    _WhichOneofArgType__model_version: _TypeAlias = _typing.Literal["_model_version", b"_model_version"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__model_version) -> _WhichOneofReturnType__model_version | None: ...
+
+Global___PublishRoundResponse: _TypeAlias = PublishRoundResponse  # noqa: Y015
+
+@_typing.final
+class PublishModelSnapshotRequest(_message.Message):
+    """The whole item-factor model at one version, sent by the worker to a shard whose model is
+    behind its own (a shard added later, or restored empty or from an old backup): rows only
+    travel with the rounds that change the model, so such a shard would otherwise never get it.
+    The worker reads the rows from a shard that holds the version (FetchModel since 0, on the
+    internal listener) and sends them in one message (100K items x 64 int8 factors is about
+    9.5 MB; the internal listener accepts 64 MiB).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    FACTORS_FIELD_NUMBER: _builtins.int
+    ITEM_FACTORS_FIELD_NUMBER: _builtins.int
+    model_version: _builtins.int
+    """The model version of the snapshot (the round that last changed the model, >= 1). The
+    shard must already have a round at least this high (PublishRound comes first).
+    """
+    factors: _builtins.int
+    """Factors per item."""
+    @_builtins.property
+    def item_factors(self) -> _containers.RepeatedCompositeFieldContainer[_patterns_pb2.ItemFactorRow]:
+        """Every row of the model: each with the version that last changed it (1..model_version; 0:
+        model_version) and no factor for an item that left the model. The shard's stored model
+        becomes exactly this: rows it holds that are not here leave the model.
+        """
+
+    def __init__(
+        self,
+        *,
+        model_version: _builtins.int = ...,
+        factors: _builtins.int = ...,
+        item_factors: _abc.Iterable[_patterns_pb2.ItemFactorRow] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate", b"duplicate", "global_version", b"global_version", "patterns_stored", b"patterns_stored"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["factors", b"factors", "item_factors", b"item_factors", "model_version", b"model_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___PublishRoundResponse: _TypeAlias = PublishRoundResponse  # noqa: Y015
+Global___PublishModelSnapshotRequest: _TypeAlias = PublishModelSnapshotRequest  # noqa: Y015
+
+@_typing.final
+class PublishModelSnapshotResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    APPLIED_FIELD_NUMBER: _builtins.int
+    ROWS_STORED_FIELD_NUMBER: _builtins.int
+    model_version: _builtins.int
+    """The shard's model version after this call."""
+    applied: _builtins.bool
+    """False when the shard already held this version or a newer one: nothing was written (a
+    snapshot never moves a shard's model backwards; a repeated one is a no-op).
+    """
+    rows_stored: _builtins.int
+    """Rows written (0 when not applied)."""
+    def __init__(
+        self,
+        *,
+        model_version: _builtins.int = ...,
+        applied: _builtins.bool = ...,
+        rows_stored: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "model_version", b"model_version", "rows_stored", b"rows_stored"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublishModelSnapshotResponse: _TypeAlias = PublishModelSnapshotResponse  # noqa: Y015

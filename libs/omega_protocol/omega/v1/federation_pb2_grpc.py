@@ -45,6 +45,11 @@ class FederationStub:
                 request_serializer=omega_dot_v1_dot_federation__pb2.PublishRoundRequest.SerializeToString,
                 response_deserializer=omega_dot_v1_dot_federation__pb2.PublishRoundResponse.FromString,
                 _registered_method=True)
+        self.PublishModelSnapshot = channel.unary_unary(
+                '/omega.v1.Federation/PublishModelSnapshot',
+                request_serializer=omega_dot_v1_dot_federation__pb2.PublishModelSnapshotRequest.SerializeToString,
+                response_deserializer=omega_dot_v1_dot_federation__pb2.PublishModelSnapshotResponse.FromString,
+                _registered_method=True)
 
 
 class FederationServicer:
@@ -66,6 +71,14 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PublishModelSnapshot(self, request, context):
+        """Replace this shard's item-factor model by a newer whole one, in one transaction (see
+        PublishModelSnapshotRequest). Idempotent; an older or equal version writes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -78,6 +91,11 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.PublishRound,
                     request_deserializer=omega_dot_v1_dot_federation__pb2.PublishRoundRequest.FromString,
                     response_serializer=omega_dot_v1_dot_federation__pb2.PublishRoundResponse.SerializeToString,
+            ),
+            'PublishModelSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.PublishModelSnapshot,
+                    request_deserializer=omega_dot_v1_dot_federation__pb2.PublishModelSnapshotRequest.FromString,
+                    response_serializer=omega_dot_v1_dot_federation__pb2.PublishModelSnapshotResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -135,6 +153,33 @@ class Federation:
             '/omega.v1.Federation/PublishRound',
             omega_dot_v1_dot_federation__pb2.PublishRoundRequest.SerializeToString,
             omega_dot_v1_dot_federation__pb2.PublishRoundResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishModelSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/omega.v1.Federation/PublishModelSnapshot',
+            omega_dot_v1_dot_federation__pb2.PublishModelSnapshotRequest.SerializeToString,
+            omega_dot_v1_dot_federation__pb2.PublishModelSnapshotResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,10 @@ class FederationStub:
     """
     PublishRound: _grpc.UnaryUnaryMultiCallable[_federation_pb2.PublishRoundRequest, _federation_pb2.PublishRoundResponse]
     """Store a round's aggregated patterns and trends for this shard."""
+    PublishModelSnapshot: _grpc.UnaryUnaryMultiCallable[_federation_pb2.PublishModelSnapshotRequest, _federation_pb2.PublishModelSnapshotResponse]
+    """Replace this shard's item-factor model by a newer whole one, in one transaction (see
+    PublishModelSnapshotRequest). Idempotent; an older or equal version writes nothing.
+    """
 
 @_typing.type_check_only
 class FederationAsyncStub(FederationStub):
@@ -51,6 +55,10 @@ class FederationAsyncStub(FederationStub):
     """
     PublishRound: _aio.UnaryUnaryMultiCallable[_federation_pb2.PublishRoundRequest, _federation_pb2.PublishRoundResponse]  # type: ignore[assignment]
     """Store a round's aggregated patterns and trends for this shard."""
+    PublishModelSnapshot: _aio.UnaryUnaryMultiCallable[_federation_pb2.PublishModelSnapshotRequest, _federation_pb2.PublishModelSnapshotResponse]  # type: ignore[assignment]
+    """Replace this shard's item-factor model by a newer whole one, in one transaction (see
+    PublishModelSnapshotRequest). Idempotent; an older or equal version writes nothing.
+    """
 
 class FederationServicer(metaclass=_abc_1.ABCMeta):
     """Internal API a shard offers the federation worker."""
@@ -72,5 +80,15 @@ class FederationServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_federation_pb2.PublishRoundResponse, _abc.Awaitable[_federation_pb2.PublishRoundResponse]]:
         """Store a round's aggregated patterns and trends for this shard."""
+
+    @_abc_1.abstractmethod
+    def PublishModelSnapshot(
+        self,
+        request: _federation_pb2.PublishModelSnapshotRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_federation_pb2.PublishModelSnapshotResponse, _abc.Awaitable[_federation_pb2.PublishModelSnapshotResponse]]:
+        """Replace this shard's item-factor model by a newer whole one, in one transaction (see
+        PublishModelSnapshotRequest). Idempotent; an older or equal version writes nothing.
+        """
 
 def add_FederationServicer_to_server(servicer: FederationServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
