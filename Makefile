@@ -67,8 +67,8 @@ bench-federation: $(STAMP) ## The federation worker at 10K/100K/1M patterns: agg
 bench-recommend: $(STAMP) ## recommend() p50/p99 at 100K items with the collaborative model vs without, one core
 	$(PY) bench/recommend_latency.py
 
-bench-fleet: $(STAMP) ## The largest fleet one shard on this machine sustains at one sync / 5 min with p99 < 200 ms: open-loop steps, doubling then bisecting; CPU by simulator, shard, Postgres (about 5 min)
-	$(PY) -m bench.fleet_capacity
+bench-fleet: $(STAMP) ## The largest fleet one shard on this machine sustains at one sync / 5 min with p99 < 200 ms: open-loop steps, doubling then bisecting; CPU by simulator, shard, Postgres (about 5 min; ARGS="--shards 2 --replicas 2" for a bigger constellation)
+	$(PY) -m bench.fleet_capacity $(ARGS)
 
 bench-quality: $(STAMP) ## Tune federated CF on a validation split; hold-out quality vs epsilon (JSON + PNG in reports/collaborative)
 	$(PY) bench/collaborative_quality.py --out reports/collaborative
