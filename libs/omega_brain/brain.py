@@ -284,8 +284,19 @@ class Brain:
         sends nothing and returns ``paced=True`` (``ok`` False, ``attempts`` 0, nothing
         counted as failed). Firmware schedules its next call at ``next_sync_at_ms``.
 
-        A reply with ``redirect_shard_id`` is not applied: the result has ``ok=False`` and
-        ``redirect_shard_id`` set, and the caller re-routes (e.g. a new transport).
+        A reply with ``redirect_shard_id`` (the device belongs to another shard: one was
+        added or removed) is not applied: the result has ``ok=False`` and
+        ``redirect_shard_id`` set, and the caller re-routes (e.g. closes the brain and opens
+        it on the same store with a transport to that shard). The brain then forgets its
+        shard-side state, durably and in one transaction (``syncs_redirected`` counts it): the
+        acknowledgements and the unconfirmed send are dropped and the server version marked
+        unknown. Its next sync, on whatever transport and also after a restart, behaves as
+        for a new store of a known device: it first pulls to learn the shard's last version
+        for the device, then sends every pattern it holds from base 0, numbered past that
+        version, and its model update again. View counts the old shard acknowledged are not
+        sent again (they were counted there); pending ones are. A device redirected back
+        (a shard removed) is handled the same way, and a device bounced between two shards
+        only rewrites this state on each redirect.
 
         Collaborative model: once per model version (0 included: a device without a model
         still sends its weights once, for the fleet's per-item counts) the delta carries the
@@ -373,6 +384,7 @@ class Brain:
                 model_items=len(ctx.model.content_ids),
                 model_bytes_down=ctx.state["model_bytes_down"],
                 next_sync_at_ms=ctx.state["next_sync_at_ms"],
+                syncs_redirected=ctx.state["syncs_redirected"],
             )
 
     def close(self) -> None:

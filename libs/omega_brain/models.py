@@ -62,7 +62,9 @@ class SyncResult:
         global_patterns_received: valid global patterns stored from the reply.
         error: why the call did not fully succeed, else None.
         redirect_shard_id: set when the replica said the device belongs to another shard;
-            nothing was applied and the caller should sync with that shard instead.
+            nothing was applied and the caller should sync with that shard instead. The
+            brain has forgotten its shard-side state: its next accepted sync re-sends every
+            pattern (see `Brain.sync`).
         server_pattern_count: patterns the shard stores for this device after the call (only
             those above its quality threshold); 0 when no reply was applied.
         model_version: the brain's collaborative-model version after the call (0: none).
@@ -130,6 +132,10 @@ class BrainStats:
             ``next_sync_after_ms`` after the brain's clock, ms since the epoch; 0: no
             request yet). Host schedulers should not sync before it, except for a user's
             explicit action.
+        syncs_redirected: sync answers that named another shard (``redirect_shard_id``;
+            persisted, also counted in ``syncs_failed``). Each one left the store as a new
+            store of a known device, so the next accepted sync re-sends every pattern (see
+            `Brain.sync`).
     """
 
     device_id: str
@@ -154,6 +160,7 @@ class BrainStats:
     model_items: int = 0
     model_bytes_down: int = 0
     next_sync_at_ms: int = 0
+    syncs_redirected: int = 0
 
     def to_proto(self) -> events_pb2.DeviceMetrics:
         """The counters as an `omega.v1.DeviceMetrics` for ``ReportMetrics``."""

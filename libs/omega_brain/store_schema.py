@@ -10,8 +10,11 @@ Tables (personal values of encrypted stores are sealed, see `omega_brain.store_c
   collaborative model ``model_version`` (0: no model), ``model_factors`` (factors per row, 0
   without a model), ``model_update_version`` (model version of the last acknowledged
   ``ItemFactorUpdate``; -1 before the first), ``model_update_items`` (items it covered) and
-  ``model_bytes_down`` (bytes of every
-  FetchModel reply received).
+  ``model_bytes_down`` (bytes of every FetchModel reply received); ``server_version_known``
+  (0: the next sync first pulls to learn the shard's last version for the device: a new
+  store, or one redirected to another shard), ``next_sync_at_ms`` (the shard's pace),
+  ``global_page_version`` / ``global_page_offset`` (a global-pattern transfer in parts) and
+  ``syncs_redirected`` (sync answers naming another shard).
 * ``events(id INTEGER PK, content_id, started_at_ms, completion, watch_seconds, bucket,
   outcome, local_version, sealed)``: raw viewing history; never leaves the device. Only the
   newest ``keep`` events are kept (`BrainConfig.max_events_kept`): the insert that passes
@@ -43,7 +46,9 @@ lacks and sets ``user_version``. Version 2 added ``model`` and the ``model_*`` s
 version 3 replaced the per-item float16 ``catalog`` table with ``catalog_chunks`` (a version 2
 catalog is converted when the store opens). A store without ``history`` gains it (filled
 from its events) and the ``sealed`` columns when it opens; this additive change kept version
-3 (a test pins it), so a brain older than it opens such a store without noticing.
+3 (a test pins it), so a brain older than it opens such a store without noticing. State keys
+added later (``syncs_redirected``) keep version 4 the same way: a store that lacks one gains it
+with its default when it opens (``INSERT OR IGNORE``), and an older brain ignores it.
 """
 
 from __future__ import annotations
@@ -89,6 +94,7 @@ STATE_KEYS = (
     "next_sync_at_ms",
     "global_page_version",
     "global_page_offset",
+    "syncs_redirected",
 )
 
 STATE_DEFAULTS = {"model_update_version": -1}

@@ -4,8 +4,10 @@
 `Brain.sync` for the rules): it honours the shard's pace, learns the device's last version
 on the shard before a new store's first delta, settles a send whose answer was lost before
 numbering newer changes, retries retryable errors, and fetches the collaborative model when
-the shard names a newer one. `fetch_catalog` downloads catalog changes and `forget_on_shard`
-erases the device on the shard. What a request carries and how an answer is booked is
+the shard names a newer one. A redirect leaves the store as a new store of a known device
+(`SyncClient._forget_server_state`), so the next shard receives every pattern.
+`fetch_catalog` downloads catalog changes and `forget_on_shard` erases the device on the
+shard. What a request carries and how an answer is booked is
 `omega_brain.sync_delta`; the network part of every call runs without ``ctx.lock`` but under
 ``ctx.sync_lock``.
 """
@@ -126,7 +128,7 @@ class SyncClient:
                 )
             bytes_down = response.ByteSize()
             if response.redirect_shard_id:
-                self._clear_unconfirmed()  # nothing was applied
+                self._forget_server_state()  # nothing was applied; the next shard starts anew
                 message = f"device belongs to shard {response.redirect_shard_id!r}"
                 return self._sync_failed(
                     request,
@@ -238,6 +240,40 @@ class SyncClient:
             if not self._ctx.closed:
                 self._ctx.store.set_unconfirmed_send(json.dumps(record))
 
+    def _forget_server_state(self) -> None:
+        """After a redirect: forget what this brain knew of its shard, in one transaction.
+
+        The replica applied nothing (the unconfirmed send is dropped), and the device's next
+        shard may know nothing of it (a shard added, or removed and its devices handed back),
+        so the store is left as a new store of a known device: ``server_version_known`` 0
+        (the next sync first pulls to learn that shard's last version for the device, see
+        `_learn_server_version`), every acknowledgement cleared and ``acked_version`` 0 (the
+        next delta, from base 0, carries every pattern, numbered past that version), and the
+        model update to be sent again (``model_update_version`` -1), as after a factory reset.
+        View counts the old shard acknowledged were removed from the pending views when it
+        acknowledged them, so they are not sent again; pending ones are sent as usual. A
+        partly received global-pattern transfer restarts. Nothing grows: a device redirected
+        on every call (two shards with mismatched maps) only rewrites these values and counts
+        ``syncs_redirected``; re-sending is what the next accepted sync does.
+        """
+        with self._ctx.lock:
+            if self._ctx.closed:
+                return
+            updates = {
+                "server_version_known": 0,
+                "acked_version": 0,
+                "model_update_version": -1,
+                "model_update_items": 0,
+                "global_page_version": 0,
+                "global_page_offset": 0,
+                "syncs_redirected": self._ctx.state["syncs_redirected"] + 1,
+            }
+            with self._ctx.store.transaction():
+                self._ctx.store.set_unconfirmed_send(None)
+                self._ctx.store.clear_acked()
+                self._ctx.store.set_state(updates)
+            self._ctx.state.update(updates)
+
     def _clear_unconfirmed(self) -> None:
         with self._ctx.lock:
             if not self._ctx.closed:
@@ -299,7 +335,8 @@ class SyncClient:
         return None
 
     def _learn_server_version(self, transport: SyncTransport) -> SyncResult | None:
-        """Before this store's first delta, ask the shard for the device's last version.
+        """Before this store's first delta (or the first after a redirect), ask the shard
+        for the device's last version.
 
         A pull (version 0, empty delta) writes nothing; its answer acknowledges the last
         version the shard applied for this device id. A new store of a device the shard

@@ -7,6 +7,10 @@ the ``sqlite_master`` of a new store, and `ROWS_PLAIN` / `ROWS_ENCRYPTED` the ro
 after `_write_personal` (and, plain only, `_write_public`) under `KEY`. Plain rows are
 deterministic, so the new code must write them byte for byte; sealed values carry a random
 nonce, so encrypted rows must match except the ciphertexts, and the old ciphertexts must open.
+
+State keys added since (`ADDED_STATE_KEYS`) keep schema 4, as the code base adds state keys: a
+new store writes them with their defaults (`_current`), and a store written before them (the
+fixtures as taken) opens, reads them as their defaults and gains their rows.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ TABLES = (
     "model",
 )
 SEALED = "<sealed>"
+ADDED_STATE_KEYS = (("syncs_redirected", 0),)
+"""``sync_state`` rows added after the fixtures were taken, with their defaults."""
 
 
 def _write_personal(store: Store) -> None:
@@ -94,6 +100,11 @@ def _rows(path: Path) -> dict[str, list[tuple[object, ...]]]:
         conn.close()
 
 
+def _current(rows: dict[str, list[tuple[object, ...]]]) -> dict[str, list[tuple[object, ...]]]:
+    """The fixture's rows as a store of today writes them: plus `ADDED_STATE_KEYS`."""
+    return {**rows, "sync_state": sorted([*rows["sync_state"], *ADDED_STATE_KEYS])}
+
+
 def _mask_sealed(rows: dict[str, list[tuple[object, ...]]]) -> dict[str, list[tuple[object, ...]]]:
     """Sealed values (random nonces) replaced by their length; every other value kept."""
 
@@ -144,7 +155,7 @@ def test_plain_rows_are_written_byte_for_byte_as_before(tmp_path: Path) -> None:
     _write_personal(store)
     _write_public(store)
     store.close()
-    assert _rows(path) == ROWS_PLAIN
+    assert _rows(path) == _current(ROWS_PLAIN)
 
 
 def test_encrypted_rows_match_as_before_but_for_the_nonces(tmp_path: Path) -> None:
@@ -153,7 +164,7 @@ def test_encrypted_rows_match_as_before_but_for_the_nonces(tmp_path: Path) -> No
     _write_personal(store)
     store.close()
     rows = _rows(path)
-    assert _mask_sealed(rows) == _mask_sealed(ROWS_ENCRYPTED)
+    assert _mask_sealed(rows) == _mask_sealed(_current(ROWS_ENCRYPTED))
     assert rows["history"][0][0] == ROWS_ENCRYPTED["history"][0][0]  # the same HMAC tokens
     assert rows["events"][0][-1] != ROWS_ENCRYPTED["events"][0][-1]  # a fresh nonce
 
@@ -167,6 +178,7 @@ def test_store_written_before_the_split_opens_and_reads_the_same(
     try:
         state = store.state()
         assert (state["local_version"], state["syncs_ok"]) == (3, 1)
+        assert all(state[k] == v for k, v in ADDED_STATE_KEYS)  # read as their defaults
         patterns = store.patterns()
         assert sorted(patterns) == [3, 5]
         p3, p5 = patterns[3], patterns[5]
@@ -205,6 +217,11 @@ def test_store_written_before_the_split_opens_and_reads_the_same(
             assert store.catalog_codes().vectors()[2, :2] == pytest.approx([0.6, 0.8], abs=0.01)
     finally:
         store.close()
+    # Opening added the later state keys with their defaults; nothing else changed.
+    assert (
+        _rows(path)["sync_state"]
+        == _current(ROWS_PLAIN if key is None else ROWS_ENCRYPTED)["sync_state"]
+    )
 
 
 def test_encrypted_store_written_before_the_split_still_checks_its_key(tmp_path: Path) -> None:

@@ -766,3 +766,136 @@ def test_a_lost_reply_is_settled_before_newer_changes(catalog: CatalogIndex) -> 
         assert resent == applied[0]
         assert sum(v.views for v in newer.content_views) == 2  # items 3 and 4 only
         assert brain.stats().acked_version == 4
+
+
+# ----------------------------------------------------------------------------- redirects
+
+NIGHT_A = TS  # Tuesday 22:13 UTC: night/weekday
+MORNING = TS + 10 * 3600_000  # Wednesday 08:13 UTC: morning/weekday
+
+
+def redirect_to(shard_id: str) -> Step:
+    return lambda r: sync_pb2.SyncPatternsResponse(redirect_shard_id=shard_id)
+
+
+class Router:
+    """The firmware's transport: re-pointed at another shard after a redirect."""
+
+    def __init__(self, target: FakeShard) -> None:
+        self.target = target
+
+    def sync_patterns(
+        self, request: sync_pb2.SyncPatternsRequest, timeout: float
+    ) -> sync_pb2.SyncPatternsResponse:
+        return self.target.sync_patterns(request, timeout)
+
+
+def _synced_then_redirected(brain: Brain, old: FakeShard) -> tuple[set[str], int]:
+    """Two patterns and four views acknowledged by ``old``, one view pending; then ``old``
+    redirects. Returns the pattern ids and the local version."""
+    session(brain, [1, 2, 2])
+    session(brain, [3], ts=MORNING)
+    first = brain.sync()
+    assert first.ok and first.patterns_sent == 2 and first.model_update_sent
+    ids = {p.pattern_id for p in old.deltas()[0].added}
+    assert len(ids) == 2
+    session(brain, [4], completion=0.5)  # a view (and samples) the old shard never saw
+    old.script = [redirect_to("shard-1")]
+    result = brain.sync()
+    assert not result.ok and result.redirect_shard_id == "shard-1"
+    stats = brain.stats()
+    assert (stats.acked_version, stats.syncs_redirected, stats.syncs_failed) == (0, 1, 1)
+    assert stats.pending_view_count == 1
+    assert brain._ctx.store.unconfirmed_send() is None  # nothing was applied
+    assert brain._ctx.store.acked() == {}
+    assert brain._ctx.state["server_version_known"] == 0
+    return ids, stats.local_version
+
+
+def _assert_full_resend(new: FakeShard, ids: set[str], local_version: int) -> None:
+    """``new`` was first pulled, then sent every pattern from base 0 past its version, the
+    pending view only and the model update."""
+    assert [p.local_version for p in new.pulls] == [0]
+    assert len(new.requests) == 1
+    request, delta = new.requests[0], new.deltas()[0]
+    expected = (
+        local_version if new.server_version == 0 else max(local_version, new.server_version) + 1
+    )
+    assert request.local_version == delta.local_version == expected > new.server_version
+    assert delta.base_version == 0
+    assert not delta.updated
+    assert {p.pattern_id for p in delta.added} == ids
+    # Full patterns with their total sample counts: 3 + 1 at night, 1 in the morning.
+    assert sorted(p.sample_count for p in delta.added) == [1, 4]
+    assert all(p.HasField("embedding") for p in delta.added)
+    # Views the old shard acknowledged were counted there: only the pending one is sent.
+    assert [(v.content_id, v.views) for v in delta.content_views] == [("item-4", 1)]
+    assert delta.HasField("model_update")  # sent again, as after a factory reset
+
+
+@pytest.mark.parametrize("known_version", [0, 50], ids=["new-shard", "shard-knew-it"])
+def test_a_redirected_device_sends_every_pattern_to_its_next_shard(
+    catalog: CatalogIndex, tmp_path: Path, known_version: int
+) -> None:
+    # "new-shard": a shard added; "shard-knew-it": redirected back to a shard that held the
+    # device before (a shard removed), at a version above the device's.
+    old, new = FakeShard(), FakeShard()
+    new.server_version = known_version
+    router = Router(old)
+    cfg = dataclasses.replace(FAST, store_path=tmp_path / "tv.db")
+    with Brain("tv-1", cfg, transport=router, catalog=catalog) as brain:
+        ids, local_version = _synced_then_redirected(brain, old)
+        router.target = new
+        result = brain.sync()
+        assert result.ok and result.patterns_sent == 2
+        _assert_full_resend(new, ids, local_version)
+        assert result.acknowledged_version == new.requests[0].local_version
+        stats = brain.stats()
+        assert stats.pending_view_count == 0 and stats.syncs_redirected == 1
+        # Then as usual: no second pull, nothing re-sent.
+        again = brain.sync()
+        assert again.ok and again.patterns_sent == 0 and len(new.pulls) == 1
+        assert not new.deltas()[1].content_views
+
+
+def test_a_redirect_is_remembered_across_a_restart(catalog: CatalogIndex, tmp_path: Path) -> None:
+    # The firmware closes the brain on the redirect and opens it again on the same store
+    # with a transport to the new shard.
+    old, new = FakeShard(), FakeShard()
+    cfg = dataclasses.replace(FAST, store_path=tmp_path / "tv.db")
+    with Brain("tv-1", cfg, transport=old, catalog=catalog) as brain:
+        ids, local_version = _synced_then_redirected(brain, old)
+    with Brain("tv-1", cfg, transport=new, catalog=catalog) as brain:
+        stats = brain.stats()
+        assert (stats.acked_version, stats.syncs_redirected) == (0, 1)
+        assert brain.sync().ok
+        _assert_full_resend(new, ids, local_version)
+    with Brain("tv-1", cfg, transport=new, catalog=catalog) as brain:
+        assert brain.sync().ok and len(new.pulls) == 1  # learned once, not per open
+
+
+def test_a_redirect_loop_does_not_grow_anything(catalog: CatalogIndex, tmp_path: Path) -> None:
+    # Two shards with mismatched maps send the device to each other: each redirect only
+    # rewrites the same state; the full re-send happens once, at the first accepted sync.
+    old, a, b = FakeShard(), FakeShard(), FakeShard()
+    router = Router(old)
+    cfg = dataclasses.replace(FAST, store_path=tmp_path / "tv.db")
+    with Brain("tv-1", cfg, transport=router, catalog=catalog) as brain:
+        ids, local_version = _synced_then_redirected(brain, old)
+        a.script = [redirect_to("shard-b") for _ in range(5)]
+        b.script = [redirect_to("shard-a") for _ in range(5)]
+        sizes = set()
+        for i in range(10):
+            router.target = a if i % 2 == 0 else b
+            result = brain.sync()
+            assert not result.ok and result.redirect_shard_id in ("shard-a", "shard-b")
+            sizes.add(result.bytes_up)
+        assert len(sizes) == 1  # the same request each time: nothing accumulates
+        stats = brain.stats()
+        assert (stats.local_version, stats.acked_version) == (local_version, 0)
+        assert stats.syncs_redirected == 11 and stats.pending_view_count == 1
+        assert brain._ctx.store.unconfirmed_send() is None
+        final = FakeShard()
+        router.target = final
+        assert brain.sync().ok
+        _assert_full_resend(final, ids, local_version)
