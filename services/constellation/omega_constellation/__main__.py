@@ -8,6 +8,8 @@ Commands (settings come from ``OMEGA_CONSTELLATION_*`` environment variables, se
 * ``dev-pki FOLDER``: write a development CA, server and worker client certificates.
 * ``health``: exit 0 when the replica's gRPC health check answers SERVING, 1 otherwise
   (container HEALTHCHECK, probes).
+* ``relinquish-moved [--dry-run]``: after the shard ids changed, delete the rows of the
+  devices this shard no longer owns (`omega_constellation.relinquish`); prints a JSON summary.
 """
 
 from __future__ import annotations
@@ -63,6 +65,39 @@ def _health() -> int:
     return 0 if answer.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
+def _relinquish(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
+    import asyncpg
+
+    from omega_constellation.relinquish import relinquish_moved_devices
+
+    settings = ConstellationSettings()
+
+    async def run() -> dict[str, object]:
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            report = await relinquish_moved_devices(
+                conn,
+                settings.shard_id,
+                settings.shard_ids,
+                batch_size=args.batch_size,
+                dry_run=args.dry_run,
+            )
+        finally:
+            await conn.close()
+        return asdict(report)
+
+    try:
+        summary = asyncio.run(run())
+    except ValueError as exc:
+        print(f"relinquish-moved: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"shard_id": settings.shard_id, **summary}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``omega-constellation``."""
     parser = argparse.ArgumentParser(
@@ -81,6 +116,12 @@ def main(argv: list[str] | None = None) -> None:
     pki.add_argument("folder", type=Path)
     pki.add_argument("--host", action="append", help="server name or IP (repeatable)")
     commands.add_parser("health", help="exit 0 when the replica is SERVING, else 1")
+    relinquish = commands.add_parser(
+        "relinquish-moved",
+        help="delete the rows of devices that now belong to another shard (after resharding)",
+    )
+    relinquish.add_argument("--dry-run", action="store_true", help="count, delete nothing")
+    relinquish.add_argument("--batch-size", type=int, default=1000, help="devices per step")
     args = parser.parse_args(argv)
     if args.command == "issue-token":
         raise SystemExit(_issue_token(args))
@@ -90,6 +131,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.command == "health":
         raise SystemExit(_health())
+    if args.command == "relinquish-moved":
+        raise SystemExit(_relinquish(args))
     from omega_constellation.server import main_async
 
     asyncio.run(main_async(ConstellationSettings()))

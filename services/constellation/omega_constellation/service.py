@@ -180,14 +180,9 @@ class ConstellationService:
         return view.page(since=since, page_token=page_token, page_size=page_size)
 
     async def forget(self, device_id: str) -> int | None:
-        """Delete what this shard keeps about ``device_id`` (see `ShardStore.forget_device`).
-
-        Raises:
-            FailedPreconditionError: the device belongs to another shard (nothing deleted).
-        """
-        owner = shard_for(device_id, self.settings.shard_ids)
-        if owner != self.settings.shard_id:
-            raise FailedPreconditionError(f"device belongs to shard {owner}")
+        """Delete what this shard keeps about ``device_id`` (see `ShardStore.forget_device`),
+        also when the device now belongs to another shard: erasure is always the device's
+        right, and a device that moved after resharding may still have rows here."""
         return await self.store.forget_device(device_id)
 
     async def sync(self, delta: ValidatedDelta) -> SyncDecision:
