@@ -66,7 +66,9 @@ def test_cut_and_latency_windows_show_in_the_figures(
     print(json.dumps({"figures": f, "errors": report["errors"], "faults": [cut, slow]}, indent=1))
 
     # the cut: (nearly) every sync scheduled inside fails; the only other failures come in
-    # the reconnection just after it (gRPC's backoff, at most 1 s), none before or later
+    # the reconnection just after it (gRPC's backoff, at most 1 s) and from syncs scheduled
+    # in the window just before it that were still in flight when it reset the connections
+    # (seen once on a loaded machine), none earlier or later
     assert cut["kind"] == "cut"
     assert cut["inside"]["failed"] >= 0.9 * cut["inside"]["scheduled"] > 0
     until = cut["failures_until_seconds"]
@@ -74,7 +76,7 @@ def test_cut_and_latency_windows_show_in_the_figures(
     ws = report["run"]["window_seconds"]
     series = report["series"]
     failed_at = {t: v * ws for t, v in zip(series["t"], series["failed_per_second"], strict=True)}
-    assert all(n == 0 for t, n in failed_at.items() if t < _CUT[0] or t >= until)
+    assert all(n == 0 for t, n in failed_at.items() if t < _CUT[0] - ws or t >= until)
     assert cut["outside"]["failed"] <= 0.1 * cut["outside"]["scheduled"]
     after = [i for i, t in enumerate(series["t"]) if until <= t < _SLOW[0]]
     assert after and all(series["completed_per_second"][i] > 0 for i in after)
