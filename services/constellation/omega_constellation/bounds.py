@@ -37,7 +37,9 @@ __all__ = [
     "MIN_UNIT_NORM",
     "check_finite",
     "check_id",
+    "check_int8_unit_norm",
     "check_int64",
+    "check_norm",
     "check_text",
     "check_timestamp_ms",
     "check_unit_norm",
@@ -144,7 +146,33 @@ def check_unit_norm(vector: npt.NDArray[np.float32], what: str) -> float:
         InvalidArgumentError: the zero vector, or a norm outside [`MIN_UNIT_NORM`,
             `MAX_UNIT_NORM`] (a huge INT8 scale, huge floats).
     """
-    norm = float(np.linalg.norm(vector.astype(np.float64)))
+    return check_norm(float(np.linalg.norm(vector.astype(np.float64))), what)
+
+
+def check_int8_unit_norm(codes: bytes, scale: float, what: str) -> float:
+    """`check_unit_norm` of INT8 codes times ``scale``, without decoding them to floats.
+
+    Args:
+        codes: (d,) int8 codes as bytes.
+        scale: the finite, non-negative scale (checked by the caller).
+        what: The field's name for the message.
+
+    Returns:
+        ``scale * ||codes||``, computed exactly in integers then float64 (cannot overflow).
+
+    Raises:
+        InvalidArgumentError: as `check_unit_norm`.
+    """
+    ints = np.frombuffer(codes, dtype=np.int8).astype(np.int32)
+    return check_norm(scale * math.sqrt(int(ints @ ints)), what)
+
+
+def check_norm(norm: float, what: str) -> float:
+    """Validate the L2 norm of an embedding that should be a unit vector; returns it.
+
+    Raises:
+        InvalidArgumentError: as `check_unit_norm`.
+    """
     if norm < 1e-6:
         raise InvalidArgumentError(f"{what}: embedding is the zero vector")
     if not MIN_UNIT_NORM <= norm <= MAX_UNIT_NORM:
