@@ -27,16 +27,22 @@ import hmac
 import json
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol
+
+import structlog
+
+from omega_common.watched_files import WatchedFiles
 
 __all__ = [
     "METADATA_KEY",
     "AuthenticationError",
     "DeviceCredential",
     "FleetKeys",
+    "FleetKeysFile",
+    "TokenVerifier",
     "bearer",
     "token_from_metadata",
 ]
@@ -50,6 +56,8 @@ _MIN_SECRET_BYTES: Final[int] = 32
 _KEY_ID: Final[re.Pattern[str]] = re.compile(r"[A-Za-z0-9_-]{1,32}")
 _MAX_TOKEN_CHARS: Final[int] = 1024
 _MAX_DEVICE_ID_BYTES: Final[int] = 256
+
+_log = structlog.get_logger(component="auth")
 
 
 class AuthenticationError(Exception):
@@ -215,6 +223,84 @@ class FleetKeys:
         if self.max_age_seconds is not None and clock - issued_at > self.max_age_seconds:
             raise AuthenticationError("token expired")
         return DeviceCredential(device_id, key_id, issued_at)
+
+
+class TokenVerifier(Protocol):
+    """What a server checks tokens with: `FleetKeys`, or `FleetKeysFile` (reloaded)."""
+
+    def verify(self, token: str, now: float | None = None) -> DeviceCredential:
+        """See `FleetKeys.verify`."""
+        ...
+
+
+class FleetKeysFile:
+    """Fleet keys read from a file and re-read when it changes (key rotation without restart).
+
+    `verify` checks the file's stamp (`WatchedFiles`: inode, mtime, size) at most once per
+    ``recheck_seconds``, so a token check costs a clock read, not a ``stat``. A changed file is
+    read and parsed (`FleetKeys.from_json`); a file that does not parse, or lacks ``current``,
+    is logged and counted once per change and the previous keys kept.
+
+    Args:
+        path: The JSON file (a mounted Secret).
+        current: As `FleetKeys.from_json`; must be in every version of the file.
+        max_age_seconds: As `FleetKeys`.
+        recheck_seconds: Least time between two checks of the file.
+        on_reload: Called with ``"ok"`` or ``"refused"`` once per change (a metric).
+
+    Raises:
+        ValueError, OSError: the file cannot be read or parsed at start.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        current: str | None = None,
+        max_age_seconds: float | None = None,
+        recheck_seconds: float = 5.0,
+        on_reload: Callable[[str], None] | None = None,
+    ) -> None:
+        self.path = path
+        self._current = current
+        self._max_age_seconds = max_age_seconds
+        self._on_reload = on_reload
+        self._files = WatchedFiles((path,), recheck_seconds)
+        self._keys = FleetKeys.from_file(path, current, max_age_seconds)
+
+    @property
+    def keys(self) -> FleetKeys:
+        """The keys in force (re-read first if the file changed and the check is due)."""
+        if self._files.changed():
+            self._reload()
+        return self._keys
+
+    def _reload(self) -> None:
+        try:
+            keys = FleetKeys.from_file(self.path, self._current, self._max_age_seconds)
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            # The message names key ids at most, never a secret.
+            _log.warning("fleet_keys_reload_refused", files=[str(self.path)], error=str(exc))
+            outcome = "refused"
+        else:
+            self._keys = keys
+            _log.info(
+                "fleet_keys_reloaded",
+                files=[str(self.path)],
+                key_ids=list(keys.key_ids),
+                current=keys.current,
+            )
+            outcome = "ok"
+        if self._on_reload is not None:
+            self._on_reload(outcome)
+
+    @property
+    def key_ids(self) -> tuple[str, ...]:
+        """Every accepted key id."""
+        return self.keys.key_ids
+
+    def verify(self, token: str, now: float | None = None) -> DeviceCredential:
+        """`FleetKeys.verify` with the keys in force."""
+        return self.keys.verify(token, now)
 
 
 def bearer(token: str) -> tuple[tuple[str, str]]:

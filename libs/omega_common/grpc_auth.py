@@ -22,7 +22,7 @@ import grpc
 from omega_common.auth import (
     AuthenticationError,
     DeviceCredential,
-    FleetKeys,
+    TokenVerifier,
     bearer,
     token_from_metadata,
 )
@@ -44,7 +44,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Require a bearer token of one kind on every RPC except `OPEN_METHOD_PREFIXES`.
 
     Args:
-        keys: The fleet keys tokens are verified with.
+        keys: The fleet keys tokens are verified with (`FleetKeys`, or `FleetKeysFile` which
+            follows a rotated file).
         kind: ``"device"``: any device token, bound to the request's ``device_id`` field when
             the request has one; ``"service"``: a token whose subject is ``service:<name>``
             with ``<name>`` in ``services``.
@@ -55,7 +56,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def __init__(
         self,
-        keys: FleetKeys,
+        keys: TokenVerifier,
         kind: Literal["device", "service"] = "device",
         services: Sequence[str] = (),
         methods: Sequence[str] | None = None,

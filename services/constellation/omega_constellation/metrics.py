@@ -8,6 +8,7 @@ from omega_common.grpc_server import RpcMetrics
 from omega_common.load_control import LoadMetrics
 
 __all__ = [
+    "CREDENTIALS_RELOADED",
     "DATABASE_UP",
     "DEVICE_RECOMMEND_P99",
     "DEVICE_SYNCS_FAILED",
@@ -101,3 +102,13 @@ SYNC_BATCH_REFUSED = Counter(
     "omega_constellation_sync_queue_refused_total",
     "Syncs refused with RESOURCE_EXHAUSTED because the group-commit queue was full.",
 )
+CREDENTIALS_RELOADED = Counter(
+    "omega_constellation_credentials_reloaded_total",
+    "Changes of the TLS files (what=tls) or the fleet keys file (what=fleet_keys) seen while "
+    "running: outcome=ok when the new files are in use, refused when they were broken and the "
+    "previous ones kept.",
+    ["what", "outcome"],
+)
+for _what in ("tls", "fleet_keys"):
+    for _outcome in ("ok", "refused"):
+        CREDENTIALS_RELOADED.labels(_what, _outcome)  # exported as 0 from the start

@@ -12,7 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
 from omega.v1 import federation_pb2, sync_pb2
-from omega_common.auth import AuthenticationError, FleetKeys, token_from_metadata
+from omega_common.auth import AuthenticationError, TokenVerifier, token_from_metadata
 from omega_common.db import embedded_postgres_dsn, with_database
 from omega_common.grpc_auth import AuthInterceptor
 from omega_common.grpc_server import (
@@ -25,7 +25,7 @@ from omega_common.load_control import KeyOf, LoadControlInterceptor, Metadata
 from omega_common.logging import configure_logging
 from omega_common.ratelimit import KeyedRateLimiter
 from omega_common.readiness import DependencyWatcher
-from omega_common.tls import server_credentials
+from omega_common.tls import ServerTls
 from omega_constellation import metrics
 from omega_constellation.pacing import SyncPacer
 from omega_constellation.service import ConstellationService
@@ -116,17 +116,21 @@ def _credentials(
 ) -> tuple[grpc.ServerCredentials | None, grpc.ServerCredentials | None]:
     """(device listener, internal listener) TLS credentials; None, None with ``plaintext``.
 
-    The internal listener requires a client certificate signed by ``tls_ca_file``.
+    The internal listener requires a client certificate signed by ``tls_ca_file``. Both follow
+    a rotation of the files (`ServerTls`, checked every ``credentials_recheck_seconds``).
     """
     settings.require_tls_files("tls_cert_file", "tls_key_file", "tls_ca_file")
     if settings.plaintext:
         return None, None
     assert settings.tls_cert_file and settings.tls_key_file and settings.tls_ca_file
-    device = server_credentials(settings.tls_cert_file, settings.tls_key_file)
-    internal = server_credentials(
-        settings.tls_cert_file, settings.tls_key_file, client_ca_file=settings.tls_ca_file
+    files = ServerTls(
+        settings.tls_cert_file,
+        settings.tls_key_file,
+        settings.tls_ca_file,
+        recheck_seconds=settings.credentials_recheck_seconds,
+        on_reload=lambda outcome: metrics.CREDENTIALS_RELOADED.labels("tls", outcome).inc(),
     )
-    return device, internal
+    return files.credentials(), files.credentials(require_client_auth=True)
 
 
 def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
@@ -140,7 +144,7 @@ def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredent
     return int(port)
 
 
-def device_rate_key(keys: FleetKeys | None) -> KeyOf:
+def device_rate_key(keys: TokenVerifier | None) -> KeyOf:
     """The rate-limit key of a device listener RPC: the calling device.
 
     With credentials (``keys``), the device id of the call's token, which `AuthInterceptor`
@@ -165,7 +169,7 @@ def device_rate_key(keys: FleetKeys | None) -> KeyOf:
 
 
 def _load_control(
-    settings: ConstellationSettings, keys: FleetKeys | None
+    settings: ConstellationSettings, keys: TokenVerifier | None
 ) -> LoadControlInterceptor:
     """The device listener's in-flight counter and per-device rate limit (see settings)."""
     limiter = (
@@ -198,7 +202,13 @@ async def start_server(settings: ConstellationSettings) -> RunningServer:
             errors when the database is unreachable; RuntimeError when a port cannot be bound.
     """
     device_tls, internal_tls = _credentials(settings)
-    keys = settings.keys() if settings.auth else None
+    keys = (
+        settings.token_verifier(
+            lambda outcome: metrics.CREDENTIALS_RELOADED.labels("fleet_keys", outcome).inc()
+        )
+        if settings.auth
+        else None
+    )
     dsn = await resolve_database_url(settings)
     store = await ShardStore.open(
         dsn,

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from omega_common.auth import FleetKeys
+from omega_common.auth import FleetKeys, FleetKeysFile, TokenVerifier
 from omega_common.settings import ServiceSettings
 
 __all__ = ["ConstellationSettings"]
@@ -336,6 +337,34 @@ class ConstellationSettings(ServiceSettings):
         default_factory=lambda: ["federation-worker"],
         description="Service names whose tokens the internal listener accepts.",
     )
+    credentials_recheck_seconds: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description=(
+            "Least time between two checks (os.stat) of the TLS files and the fleet keys file "
+            "for a rotation: a changed file set is re-read and used for new TLS handshakes / "
+            "token checks without a restart; a broken one is refused and the old one kept."
+        ),
+    )
+
+    def token_verifier(self, on_reload: Callable[[str], None] | None = None) -> TokenVerifier:
+        """What the listeners check tokens with: with ``fleet_keys_file`` alone, a
+        `FleetKeysFile` re-read when the file changes (checked at most every
+        ``credentials_recheck_seconds``); else the fixed `keys`.
+
+        Raises:
+            ValueError, OSError: as `keys`.
+        """
+        if self.fleet_keys is None and self.fleet_keys_file is not None:
+            return FleetKeysFile(
+                self.fleet_keys_file,
+                self.fleet_key_id,
+                self.token_max_age_seconds,
+                recheck_seconds=self.credentials_recheck_seconds,
+                on_reload=on_reload,
+            )
+        return self.keys()
 
     def keys(self) -> FleetKeys:
         """The fleet keys from ``fleet_keys`` or ``fleet_keys_file``.

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 __all__ = [
+    "CREDENTIALS_RELOADED",
     "CUMULATIVE_EPSILON",
     "LAST_SUCCESS",
     "MODEL_EPSILON",
@@ -54,3 +55,12 @@ MODEL_SNAPSHOTS = Counter(
 )
 for _status in ("sent", "failed"):
     MODEL_SNAPSHOTS.labels(_status)
+CREDENTIALS_RELOADED = Counter(
+    "omega_federation_credentials_reloaded_total",
+    "Changes of the worker's TLS or service token files seen by the periodic worker: "
+    "outcome=ok when its channels were re-opened with them, refused when they were broken and "
+    "the old channels kept.",
+    ["outcome"],
+)
+for _outcome in ("ok", "refused"):
+    CREDENTIALS_RELOADED.labels(_outcome)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -658,15 +658,20 @@ async def run_periodic(
     state: WorkerState,
     channels: Mapping[str, grpc.aio.Channel],
     stop: asyncio.Event,
+    refresh: Callable[[], Awaitable[Mapping[str, grpc.aio.Channel]]] | None = None,
 ) -> int:
     """Run a round every ``interval_seconds`` until ``stop`` is set; returns rounds published.
 
-    A failed round (a shard down) is logged and retried at the next tick.
+    A failed round (a shard down) is logged and retried at the next tick. ``refresh``, when
+    given, is awaited before each round for the channels to use (the worker's
+    `ShardChannels.refresh`, which re-opens them after a certificate or token rotation).
     """
     published = 0
     metrics.ROUND_INTERVAL.set(settings.interval_seconds)
     while not stop.is_set():
         tick = time.monotonic()
+        if refresh is not None:
+            channels = await refresh()
         try:
             report = await run_round(settings, state, channels)
             if report.status in ("published", "resumed"):
