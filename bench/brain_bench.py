@@ -22,6 +22,9 @@ For each catalog, one device with a file store (SQLite, as on a TV), default `Br
    learnt from similar viewings) and mixed (the unit mean of 3 random items).
 6. **Index build**: ``CatalogIndex(...)`` alone with the brain's default index settings, the
    baseline of the reopen (reopen / build near 1 means the open rebuilds the index).
+7. **Encrypted**: the synthetic catalog again with ``BrainConfig.encryption_key`` set (AES-256-GCM
+   at rest), the same figures, so the cost of encryption is read beside its baseline
+   (``--no-encrypted`` skips it).
 
 The synthetic catalog is `bench.recommend_latency`'s (clustered 384-dim unit vectors). Numpy
 and faiss use one thread (``OMP_NUM_THREADS=1`` and friends are set before they load) and the
@@ -206,14 +209,14 @@ def _recall_queries(vectors: FloatArray, count: int) -> tuple[FloatArray, FloatA
     return one_taste, mixed
 
 
-def _cold_open(store: str) -> dict[str, float]:
+def _cold_open(store: str, encryption_key: bytes | None = None) -> dict[str, float]:
     """In a fresh process: open the brain on an existing store (a power-on) and one recommend.
 
     Runs in a spawned interpreter, so VmRSS before the open holds only the imports.
     """
     rss0, hwm0 = _proc_status_mb("VmRSS"), _proc_status_mb("VmHWM")
     start = time.perf_counter()
-    brain = Brain(DEVICE, BrainConfig(store_path=store))
+    brain = Brain(DEVICE, BrainConfig(store_path=store, encryption_key=encryption_key))
     open_s = time.perf_counter() - start
     rss1, hwm1 = _proc_status_mb("VmRSS"), _proc_status_mb("VmHWM")
     start = time.perf_counter()
@@ -229,12 +232,19 @@ def _cold_open(store: str) -> dict[str, float]:
     }
 
 
-def _measure(catalog: Catalog, work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Every figure of one catalog (see the module docstring)."""
+def _measure(
+    catalog: Catalog,
+    work: Path,
+    args: argparse.Namespace,
+    encryption_key: bytes | None = None,
+) -> dict[str, Any]:
+    """Every figure of one catalog (see the module docstring), with the store encrypted
+    under ``encryption_key`` when given."""
     n = len(catalog.ids)
-    store = work / f"{catalog.name.split()[0].lower()}.sqlite"
-    config = BrainConfig(store_path=store)
-    print(f"{catalog.name}: measuring ...", flush=True)
+    suffix = "-encrypted" if encryption_key else ""
+    store = work / f"{catalog.name.split()[0].lower()}{suffix}.sqlite"
+    config = BrainConfig(store_path=store, encryption_key=encryption_key)
+    print(f"{catalog.name}{' (encrypted)' if encryption_key else ''}: measuring ...", flush=True)
 
     rss_before = _proc_status_mb("VmRSS")
     t0 = time.perf_counter()
@@ -293,7 +303,7 @@ def _measure(catalog: Catalog, work: Path, args: argparse.Namespace) -> dict[str
 
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        cold = pool.submit(_cold_open, str(store)).result()
+        cold = pool.submit(_cold_open, str(store), encryption_key).result()
 
     cfg = BrainConfig()
     t0 = time.perf_counter()
@@ -314,6 +324,7 @@ def _measure(catalog: Catalog, work: Path, args: argparse.Namespace) -> dict[str
     obs_p50, obs_p99 = _p50_p99(obs_times)
     return {
         "items": n,
+        "encrypted": encryption_key is not None,
         "index": "flat (exact)" if exact_index else "HNSW SQ8",
         "viewings_before": len(catalog.history),
         "index_build_s": round(build_s, 3),
@@ -361,7 +372,11 @@ _ROWS = (
 
 
 def _print(section: dict[str, Any]) -> None:
-    catalogs = [(name, section[name]) for name in ("movielens", "synthetic") if section[name]]
+    catalogs = [
+        (name, section[name])
+        for name in ("movielens", "synthetic", "synthetic_encrypted")
+        if section.get(name)
+    ]
     header = ["figure"] + [f"{name} ({c['items']:,})" for name, c in catalogs] + ["target"]
     rows: list[list[object]] = []
     for label, key, target in _ROWS:
@@ -387,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reopens", type=int, default=3, help="in-process reopens (median)")
     parser.add_argument("--recall-queries", type=int, default=200, help="queries per kind")
     parser.add_argument("--no-movielens", action="store_true", help="skip the MovieLens run")
+    parser.add_argument(
+        "--no-encrypted", action="store_true", help="skip the encrypted synthetic run"
+    )
     parser.add_argument("--dir", type=Path, help="where the store files go (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="reports/bench.json")
     parser.add_argument(
@@ -411,7 +429,14 @@ def main(argv: list[str] | None = None) -> int:
             if ml is not None:
                 results["movielens"] = _measure(ml, work, args)
                 del ml
-        results["synthetic"] = _measure(_synthetic(args.items, args.viewings), work, args)
+        generated = _synthetic(args.items, args.viewings)
+        results["synthetic"] = _measure(generated, work, args)
+        results["synthetic_encrypted"] = (
+            None
+            if args.no_encrypted
+            else _measure(generated, work, args, encryption_key=bytes(range(32)))
+        )
+        del generated
 
     synthetic = results["synthetic"]
     assert synthetic is not None

@@ -75,7 +75,12 @@ def test_bench_brain_quick_writes_its_section(tmp_path: Path) -> None:
     assert brain["settings"]["quick"] is True
     synthetic = brain["synthetic"]
     assert synthetic["items"] == brain["settings"]["synthetic_items"]
-    catalogs = [synthetic] + ([brain["movielens"]] if brain["movielens"] is not None else [])
+    encrypted = brain["synthetic_encrypted"]
+    assert encrypted["encrypted"] is True and synthetic["encrypted"] is False
+    assert encrypted["items"] == synthetic["items"]
+    catalogs = [synthetic, encrypted] + (
+        [brain["movielens"]] if brain["movielens"] is not None else []
+    )
     for catalog in catalogs:
         for key in CATALOG_KEYS:
             assert _is_number(catalog[key]), (key, catalog.get(key))
