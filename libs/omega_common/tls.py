@@ -58,6 +58,8 @@ class _ServerMaterial:
     ca: bytes | None
 
     def configuration(self, with_client_ca: bool) -> grpc.ServerCertificateConfiguration:
+        """This material as gRPC's server certificate configuration; the CA (to verify
+        client certificates) only when ``with_client_ca``."""
         return grpc.ssl_server_certificate_configuration(
             [(self.key, self.cert)], root_certificates=self.ca if with_client_ca else None
         )
